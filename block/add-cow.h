@@ -1,0 +1,139 @@
+/*
+ * add-cow: a copy-on-write bitmap over a raw image file
+ *
+ * Copyright (c) 2026 The add-cow authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Three files make up an add-cow disk (docs/specs/add-cow.txt):
+ *
+ *   .add-cow file (bs->file)       image file (s->image)     backing file
+ *   +--------+------------------+  +---------------------+   +------------+
+ *   | header | bitmap, 1 bit per|  | guest data at guest |   | any format |
+ *   |        | cluster          |  | offsets (raw)       |   |            |
+ *   +--------+------------------+  +---------------------+   +------------+
+ *
+ * A set bit means the cluster's data is in the image file; a clear bit
+ * means it is read from the backing file (zeros past its end or without
+ * one).  All header fields are little-endian on disk; the in-memory copy
+ * in BDRVAddCowState is CPU-endian.
+ *
+ * Write ordering: a bit is only set on disk after the cluster's data
+ * (including the copy-on-write fill) was written to the image file and
+ * the image file was flushed.  The bitmap cache enforces this.
+ */
+
+#ifndef BLOCK_ADD_COW_H
+#define BLOCK_ADD_COW_H
+
+#include "block/block_int.h"
+#include "block/reqlist.h"
+#include "qemu/coroutine.h"
+
+#define ADD_COW_MAGIC           (('A') | ('C' << 8) | ('O' << 16) | \
+                                 ((uint32_t)'W' << 24))
+
+#define ADD_COW_MIN_CLUSTER_BITS    9
+#define ADD_COW_MAX_CLUSTER_BITS    21
+#define ADD_COW_DEFAULT_CLUSTER_SIZE (64 * 1024)
+
+/* Header size written by QEMU: room for three names (see rebase). */
+#define ADD_COW_DEFAULT_HEADER_SIZE (16 * 1024)
+#define ADD_COW_MIN_HEADER_SIZE     512
+#define ADD_COW_MAX_HEADER_SIZE     (1024 * 1024)
+#define ADD_COW_NAME_AREA_START     128
+#define ADD_COW_MAX_NAME_SIZE       4095
+#define ADD_COW_FMT_SIZE            16
+
+/* Compatible feature bits: none defined yet */
+#define ADD_COW_COMPAT_MASK         0
+
+/* Incompatible feature bits: none defined yet */
+#define ADD_COW_INCOMPAT_MASK       0
+
+/* Autoclear feature bits */
+#define ADD_COW_AUTOCLEAR_ALL_ALLOCATED_BITNR 0
+#define ADD_COW_AUTOCLEAR_ALL_ALLOCATED \
+    (1ULL << ADD_COW_AUTOCLEAR_ALL_ALLOCATED_BITNR)
+#define ADD_COW_AUTOCLEAR_MASK      ADD_COW_AUTOCLEAR_ALL_ALLOCATED
+
+/* 1 MiB of bitmap covers 8 TiB at 64 KiB clusters; 2 MiB is 1 TiB... x8 */
+#define ADD_COW_DEFAULT_CACHE_SIZE  (2 * 1024 * 1024)
+#define ADD_COW_CACHE_MIN_ENTRIES   4
+
+#define ADD_COW_OPT_IMAGE_FILE      "image_file"
+#define ADD_COW_OPT_IMAGE_FMT       "image_fmt"
+#define ADD_COW_OPT_CACHE_SIZE      "cache-size"
+
+/*
+ * The fixed part of the header, at offset 0 of the .add-cow file.  It fits
+ * in one 512-byte sector, so rewriting it is atomic: names are switched by
+ * writing the new name elsewhere in the header first.
+ */
+typedef struct QEMU_PACKED AddCowHeader {
+    uint32_t magic;                 /* ADD_COW_MAGIC, "ACOW" */
+    uint32_t header_size;           /* bytes; multiple of 512 */
+    uint32_t cluster_bits;          /* cluster size = 1 << cluster_bits */
+    uint32_t reserved0;             /* must be zero */
+    uint64_t incompatible_features;
+    uint64_t compatible_features;
+    uint64_t autoclear_features;
+    uint64_t virtual_size;          /* bytes; multiple of 512 */
+    uint64_t bitmap_offset;         /* bytes; >= header_size, 512-aligned */
+    uint64_t bitmap_size;           /* bytes; see add_cow_bitmap_size() */
+    uint32_t image_name_offset;     /* bytes from start of file */
+    uint32_t image_name_size;       /* bytes, not NUL-terminated, >= 1 */
+    uint32_t backing_name_offset;   /* 0 if no backing file */
+    uint32_t backing_name_size;     /* 0 if no backing file */
+    char image_format[ADD_COW_FMT_SIZE];   /* NUL-terminated, non-empty */
+    char backing_format[ADD_COW_FMT_SIZE]; /* NUL-terminated; empty iff none */
+    uint8_t reserved1[16];          /* must be zero */
+} AddCowHeader;
+
+QEMU_BUILD_BUG_ON(sizeof(AddCowHeader) != ADD_COW_NAME_AREA_START);
+
+typedef struct AddCowCache AddCowCache;
+
+typedef struct BDRVAddCowState {
+    BlockDriverState *bs;
+    BdrvChild *image;               /* the image file (guest data) */
+
+    /* Protected by lock: header copy, cache, inflight */
+    CoMutex lock;
+    AddCowHeader header;            /* CPU-endian */
+    char *image_name;               /* as stored in the header */
+    AddCowCache *cache;
+    BlockReqList inflight;          /* allocating writes, cluster-aligned */
+
+    /* Constant after open */
+    uint32_t cluster_size;
+    uint64_t nb_clusters;
+    uint64_t cache_size;
+} BDRVAddCowState;
+
+/* Number of bytes the bitmap of @nb_clusters clusters takes on disk */
+static inline uint64_t add_cow_bitmap_size(uint64_t nb_clusters)
+{
+    return ROUND_UP(DIV_ROUND_UP(nb_clusters, 8), BDRV_SECTOR_SIZE);
+}
+
+/* add-cow-cache.c */
+AddCowCache *add_cow_cache_create(BdrvChild *meta, BdrvChild *image,
+                                  uint64_t bitmap_offset, uint64_t nb_clusters,
+                                  uint32_t entry_bytes, uint64_t max_bytes);
+void add_cow_cache_destroy(AddCowCache *c);
+void add_cow_cache_set_image(AddCowCache *c, BdrvChild *image);
+void add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters);
+int64_t coroutine_fn GRAPH_RDLOCK
+add_cow_cache_get_run(AddCowCache *c, uint64_t cluster, uint64_t max,
+                      bool *allocated);
+int coroutine_fn GRAPH_RDLOCK
+add_cow_cache_set(AddCowCache *c, uint64_t cluster, uint64_t count,
+                  bool allocated);
+void add_cow_cache_depends_on_flush(AddCowCache *c);
+int coroutine_fn GRAPH_RDLOCK add_cow_cache_write(AddCowCache *c);
+bool add_cow_cache_is_dirty(AddCowCache *c);
+void add_cow_cache_discard_all(AddCowCache *c);
+void add_cow_cache_set_break_ordering(AddCowCache *c, int mode);
+
+#endif /* BLOCK_ADD_COW_H */
