@@ -65,10 +65,7 @@ class Failure(Exception):
 
 def gen(tag, length):
     """Same bytes as gen() in scripts/guest/init."""
-    per = len(tag) + 9
-    count = (length + per - 1) // per
-    return "".join("%s %07d\n" % (tag, i) for i in range(count)) \
-        .encode()[:length]
+    return sectors(tag, 0, (length + SECTOR - 1) // SECTOR)[:length]
 
 
 def sectors(tag, start, count):
@@ -157,7 +154,11 @@ class Env:
         if p.returncode != 0:
             raise Failure("qemu-img check %s: exit %d\n%s"
                           % (image, p.returncode, p.stdout))
-        return p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
+        lines = p.stdout.strip().splitlines()
+        for line in lines:
+            if line.startswith("No errors were found"):
+                return "no errors"
+        return lines[-1] if lines else ""
 
     def to_raw(self, image, out, fmt=None):
         self.run([self.qemu_img, "convert", "-f", fmt or self.fmt, "-O", "raw",
@@ -301,7 +302,7 @@ class VM:
         self.proc.stdin.flush()
 
     def verdict(self, timeout=BOOT_TIMEOUT):
-        m = self.wait_for(r"^GUEST-VERDICT: (\S+) (.*?)\r?$", timeout)
+        m = self.wait_for(r"^GUEST-VERDICT: (\S+) (.*?)\r?\n", timeout)
         ok, rest = m.group(1).decode(), m.group(2).decode()
         self.wait_exit(60)
         if ok != "PASS":
@@ -539,13 +540,13 @@ def sc_crash(env, st):
     target = env.args.records
     ov = env.create_overlay("crash")
     vm = VM(env, "crash-boot1", drive(ov, env.fmt), "acow_scenario=crash")
-    start = vm.wait_for(r"^GUEST: CRASH-READY").end()
-    vm.wait_for(r"^REC %d\r?$" % target, start=start)
+    start = vm.wait_for(r"^GUEST: .*CRASH-READY").end()
+    vm.wait_for(r"^REC %d\r?\n" % target, start=start)
     os.kill(vm.proc.pid, signal.SIGKILL)
     vm.proc.wait()
     vm.reader.join(5)
     vm.close()
-    recs = [int(x) for x in re.findall(r"^REC (\d+)\r?$", vm.text(), re.M)]
+    recs = [int(x) for x in re.findall(r"^REC (\d+)\r?\n", vm.text(), re.M)]
     n = max(recs)
     if sorted(recs) != list(range(1, n + 1)):
         raise Failure("record numbers on the console are not 1..%d" % n)
@@ -592,8 +593,8 @@ def sc_stream(env, st):
              % (ov, env.fmt), "-device", "virtio-blk-pci,drive=disk0"],
             "acow_scenario=stream", qmp=True)
     vm.qmp_connect()
-    start = vm.wait_for(r"^GUEST: STREAM-READY").end()
-    vm.wait_for(r"^REC 3\r?$", start=start)
+    start = vm.wait_for(r"^GUEST: .*STREAM-READY").end()
+    vm.wait_for(r"^REC 3\r?\n", start=start)
     speed = env.args.stream_speed << 20
     t0 = time.time()
     vm.qmp.command("block-stream", **{"job-id": "stream0", "device": "disk0",
@@ -606,7 +607,7 @@ def sc_stream(env, st):
         raise Failure("block-stream: %s" % data)
     recs_during = len(re.findall(r"^REC \d+", vm.text(), re.M)) - recs_before
     last = max(int(x) for x in re.findall(r"^REC (\d+)", vm.text(), re.M))
-    vm.wait_for(r"^REC %d\r?$" % (last + 2))
+    vm.wait_for(r"^REC %d\r?\n" % (last + 2))
     vm.send("stop")
     v1 = vm.verdict()
     n = int(re.search(r"records=(\d+)", v1).group(1))
@@ -653,15 +654,19 @@ class QSD:
         self.sock = env.path(name + ".sock")
         if os.path.exists(self.sock):
             os.unlink(self.sock)
+        pidfile = env.path(name + ".pid")
+        if os.path.exists(pidfile):
+            os.unlink(pidfile)
         self.errf = open(env.path(name + ".log"), "wb")
-        cmd = [env.qsd] + args + [
-            "--nbd-server", "addr.type=unix,addr.path=" + self.sock]
+        # The pid file is written once every option has been processed.
+        cmd = [env.qsd, "--pidfile", pidfile, "--nbd-server",
+               "addr.type=unix,addr.path=" + self.sock] + args
         if env.verbose:
             env.log("$ " + " ".join(cmd))
         self.proc = subprocess.Popen(cmd, stdout=self.errf,
                                      stderr=subprocess.STDOUT)
         deadline = time.time() + 30
-        while not os.path.exists(self.sock):
+        while not os.path.exists(pidfile):
             if self.proc.poll() is not None or time.time() > deadline:
                 self.stop()
                 with open(env.path(name + ".log")) as f:
@@ -739,7 +744,7 @@ class State:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description="add-cow end-to-end tests with a real guest")
     ap.add_argument("--quick", action="store_true",
                     help="only the write+reboot and crash scenarios")
     ap.add_argument("--scenario", action="append",
