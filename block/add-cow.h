@@ -35,7 +35,7 @@
 
 #define ADD_COW_MIN_CLUSTER_BITS    9
 #define ADD_COW_MAX_CLUSTER_BITS    21
-#define ADD_COW_DEFAULT_CLUSTER_SIZE (64 * 1024)
+#define ADD_COW_DEFAULT_CLUSTER_SIZE 65536
 
 /* Header size written by QEMU: room for three names (see rebase). */
 #define ADD_COW_DEFAULT_HEADER_SIZE (16 * 1024)
@@ -57,13 +57,14 @@
     (1ULL << ADD_COW_AUTOCLEAR_ALL_ALLOCATED_BITNR)
 #define ADD_COW_AUTOCLEAR_MASK      ADD_COW_AUTOCLEAR_ALL_ALLOCATED
 
-/* 1 MiB of bitmap covers 8 TiB at 64 KiB clusters; 2 MiB is 1 TiB... x8 */
+/* The whole bitmap of a 1 TiB disk at 64 KiB clusters */
 #define ADD_COW_DEFAULT_CACHE_SIZE  (2 * 1024 * 1024)
 #define ADD_COW_CACHE_MIN_ENTRIES   4
 
 #define ADD_COW_OPT_IMAGE_FILE      "image_file"
 #define ADD_COW_OPT_IMAGE_FMT       "image_fmt"
 #define ADD_COW_OPT_CACHE_SIZE      "cache-size"
+#define ADD_COW_OPT_BREAK_ORDERING  "x-break-ordering"
 
 /*
  * The fixed part of the header, at offset 0 of the .add-cow file.  It fits
@@ -94,6 +95,18 @@ QEMU_BUILD_BUG_ON(sizeof(AddCowHeader) != ADD_COW_NAME_AREA_START);
 
 typedef struct AddCowCache AddCowCache;
 
+/*
+ * Test-only switch (runtime option x-break-ordering) that deliberately
+ * breaks the write ordering, so that crash tests can prove they would
+ * catch such a bug.  Never use it on real data.
+ */
+typedef enum AddCowBreakOrdering {
+    ADD_COW_BREAK_NONE = 0,
+    ADD_COW_BREAK_SKIP_IMAGE_FLUSH,  /* no image flush before bitmap writes */
+    ADD_COW_BREAK_FLUSH_METADATA,    /* flush the .add-cow file instead */
+    ADD_COW_BREAK_BIT_BEFORE_DATA,   /* write the bit before the data */
+} AddCowBreakOrdering;
+
 typedef struct BDRVAddCowState {
     BlockDriverState *bs;
     BdrvChild *image;               /* the image file (guest data) */
@@ -109,6 +122,7 @@ typedef struct BDRVAddCowState {
     uint32_t cluster_size;
     uint64_t nb_clusters;
     uint64_t cache_size;
+    AddCowBreakOrdering break_ordering;
 } BDRVAddCowState;
 
 /* Number of bytes the bitmap of @nb_clusters clusters takes on disk */
@@ -123,17 +137,20 @@ AddCowCache *add_cow_cache_create(BdrvChild *meta, BdrvChild *image,
                                   uint32_t entry_bytes, uint64_t max_bytes);
 void add_cow_cache_destroy(AddCowCache *c);
 void add_cow_cache_set_image(AddCowCache *c, BdrvChild *image);
-void add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters);
+int coroutine_fn GRAPH_RDLOCK
+add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters);
 int64_t coroutine_fn GRAPH_RDLOCK
 add_cow_cache_get_run(AddCowCache *c, uint64_t cluster, uint64_t max,
                       bool *allocated);
 int coroutine_fn GRAPH_RDLOCK
 add_cow_cache_set(AddCowCache *c, uint64_t cluster, uint64_t count,
                   bool allocated);
-void add_cow_cache_depends_on_flush(AddCowCache *c);
 int coroutine_fn GRAPH_RDLOCK add_cow_cache_write(AddCowCache *c);
 bool add_cow_cache_is_dirty(AddCowCache *c);
 void add_cow_cache_discard_all(AddCowCache *c);
-void add_cow_cache_set_break_ordering(AddCowCache *c, int mode);
+uint32_t add_cow_cache_entry_bytes(AddCowCache *c);
+const unsigned long *add_cow_cache_lookup(AddCowCache *c, int64_t index);
+void add_cow_cache_set_break_ordering(AddCowCache *c,
+                                      AddCowBreakOrdering mode);
 
 #endif /* BLOCK_ADD_COW_H */

@@ -1,0 +1,503 @@
+/*
+ * add-cow bitmap cache
+ *
+ * Copyright (c) 2026 The add-cow authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * The bitmap is cached in fixed-size entries, each covering entry_bytes of
+ * the on-disk bitmap (a multiple of 512 bytes).  Entries are evicted in LRU
+ * order.  A dirty entry remembers the sector-aligned byte range that
+ * changed, so write-back touches only those sectors.
+ *
+ * Ordering: setting a bit records that guest data was written to the image
+ * file, but that data may still sit in a volatile write cache.  Before any
+ * dirty entry reaches the .add-cow file, the image file is flushed
+ * (depends_on_flush).  This is qcow2-cache's depends_on_flush, except that
+ * the child flushed is the image file, not the metadata file: flushing the
+ * file the bitmap lives in would order nothing.
+ *
+ * Concurrency: every function here runs under the driver's s->lock, so
+ * an entry pointer stays valid until the next call that may load or evict.
+ */
+
+#include "qemu/osdep.h"
+#include "qapi/error.h"
+#include "qemu/bitmap.h"
+#include "qemu/memalign.h"
+#include "block/block-io.h"
+#include "add-cow.h"
+#include "trace.h"
+
+typedef struct AddCowCacheEntry {
+    int64_t index;              /* entry number, -1 if the slot is free */
+    unsigned long *bits;        /* host order, entry_bytes * 8 bits */
+    bool dirty;
+    uint32_t dirty_start;       /* dirty byte range, sector-aligned */
+    uint32_t dirty_end;
+    uint64_t lru;
+} AddCowCacheEntry;
+
+struct AddCowCache {
+    BdrvChild *meta;            /* holds the bitmap */
+    BdrvChild *image;           /* flushed before a dirty entry is written */
+    uint64_t bitmap_offset;
+    uint64_t nb_clusters;
+    uint32_t entry_bytes;
+    int nb_entries;
+    AddCowCacheEntry *entries;
+    void *buf;                  /* I/O bounce buffer, entry_bytes */
+    uint64_t lru_counter;
+    bool depends_on_flush;
+    AddCowBreakOrdering break_ordering;
+};
+
+static inline uint64_t entry_bits(AddCowCache *c)
+{
+    return (uint64_t)c->entry_bytes * 8;
+}
+
+/* Bytes of entry @index that lie inside the on-disk bitmap */
+static uint32_t entry_disk_bytes(AddCowCache *c, int64_t index)
+{
+    uint64_t total = add_cow_bitmap_size(c->nb_clusters);
+    uint64_t start = index * (uint64_t)c->entry_bytes;
+
+    if (start >= total) {
+        return 0;
+    }
+    return MIN(c->entry_bytes, total - start);
+}
+
+/* Number of valid bits (clusters) in entry @index */
+static uint64_t entry_valid_bits(AddCowCache *c, int64_t index)
+{
+    uint64_t first = index * entry_bits(c);
+
+    if (first >= c->nb_clusters) {
+        return 0;
+    }
+    return MIN(entry_bits(c), c->nb_clusters - first);
+}
+
+AddCowCache *add_cow_cache_create(BdrvChild *meta, BdrvChild *image,
+                                  uint64_t bitmap_offset, uint64_t nb_clusters,
+                                  uint32_t entry_bytes, uint64_t max_bytes)
+{
+    AddCowCache *c = g_new0(AddCowCache, 1);
+    uint64_t n = max_bytes / entry_bytes;
+    uint64_t needed = DIV_ROUND_UP(add_cow_bitmap_size(nb_clusters),
+                                   entry_bytes);
+    int i;
+
+    assert(entry_bytes && QEMU_IS_ALIGNED(entry_bytes, BDRV_SECTOR_SIZE));
+
+    /* Never more entries than the bitmap has, never fewer than the minimum */
+    n = MIN(n, needed);
+    n = MAX(n, ADD_COW_CACHE_MIN_ENTRIES);
+
+    c->meta = meta;
+    c->image = image;
+    c->bitmap_offset = bitmap_offset;
+    c->nb_clusters = nb_clusters;
+    c->entry_bytes = entry_bytes;
+    c->nb_entries = n;
+    c->entries = g_new0(AddCowCacheEntry, n);
+    for (i = 0; i < n; i++) {
+        c->entries[i].index = -1;
+    }
+    return c;
+}
+
+void add_cow_cache_destroy(AddCowCache *c)
+{
+    int i;
+
+    if (!c) {
+        return;
+    }
+    for (i = 0; i < c->nb_entries; i++) {
+        g_free(c->entries[i].bits);
+    }
+    g_free(c->entries);
+    qemu_vfree(c->buf);
+    g_free(c);
+}
+
+void add_cow_cache_set_image(AddCowCache *c, BdrvChild *image)
+{
+    c->image = image;
+}
+
+void add_cow_cache_set_break_ordering(AddCowCache *c, AddCowBreakOrdering mode)
+{
+    c->break_ordering = mode;
+}
+
+bool add_cow_cache_is_dirty(AddCowCache *c)
+{
+    int i;
+
+    for (i = 0; i < c->nb_entries; i++) {
+        if (c->entries[i].dirty) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static void *cache_buf(AddCowCache *c)
+{
+    if (!c->buf) {
+        c->buf = qemu_blockalign(c->meta->bs, c->entry_bytes);
+    }
+    return c->buf;
+}
+
+/*
+ * Make the image file's data stable before a bitmap write that may set
+ * bits for it.
+ */
+static int coroutine_fn GRAPH_RDLOCK cache_flush_dependency(AddCowCache *c)
+{
+    int ret;
+
+    if (!c->depends_on_flush) {
+        return 0;
+    }
+    trace_add_cow_cache_image_flush(c);
+    BLKDBG_CO_EVENT(c->meta, BLKDBG_IMAGE_FLUSH);
+    switch (c->break_ordering) {
+    case ADD_COW_BREAK_SKIP_IMAGE_FLUSH:
+        ret = 0;
+        break;
+    case ADD_COW_BREAK_FLUSH_METADATA:
+        ret = bdrv_co_flush(c->meta->bs);
+        break;
+    default:
+        ret = c->image ? bdrv_co_flush(c->image->bs) : 0;
+        break;
+    }
+    if (ret < 0) {
+        return ret;
+    }
+    c->depends_on_flush = false;
+    return 0;
+}
+
+static int coroutine_fn GRAPH_RDLOCK
+entry_writeback(AddCowCache *c, AddCowCacheEntry *e)
+{
+    uint32_t disk_bytes = entry_disk_bytes(c, e->index);
+    uint32_t start = e->dirty_start;
+    uint32_t end = MIN(e->dirty_end, disk_bytes);
+    void *buf;
+    int ret;
+
+    if (!e->dirty) {
+        return 0;
+    }
+    if (start >= end) {
+        /* The dirty range lies past the end of a shrunk bitmap */
+        e->dirty = false;
+        return 0;
+    }
+
+    ret = cache_flush_dependency(c);
+    if (ret < 0) {
+        return ret;
+    }
+
+    buf = cache_buf(c);
+    bitmap_to_le(buf, e->bits, entry_bits(c));
+    trace_add_cow_cache_writeback(c, e->index, start, end - start);
+    BLKDBG_CO_EVENT(c->meta, BLKDBG_BITMAP_UPDATE);
+    ret = bdrv_co_pwrite(c->meta,
+                         c->bitmap_offset + e->index * c->entry_bytes + start,
+                         end - start, (uint8_t *)buf + start, 0);
+    if (ret < 0) {
+        /* Stays dirty: the next flush retries */
+        return ret;
+    }
+    e->dirty = false;
+    return 0;
+}
+
+/* Return the entry for @index, loading it (and evicting another) if needed */
+static int coroutine_fn GRAPH_RDLOCK
+cache_get(AddCowCache *c, int64_t index, AddCowCacheEntry **out)
+{
+    AddCowCacheEntry *e, *victim = NULL;
+    uint32_t disk_bytes;
+    uint64_t valid;
+    void *buf;
+    int i, ret;
+
+    for (i = 0; i < c->nb_entries; i++) {
+        e = &c->entries[i];
+        if (e->index == index) {
+            e->lru = ++c->lru_counter;
+            *out = e;
+            return 0;
+        }
+        if (!victim || e->index < 0 ||
+            (victim->index >= 0 && e->lru < victim->lru)) {
+            victim = e;
+        }
+    }
+
+    ret = entry_writeback(c, victim);
+    if (ret < 0) {
+        return ret;
+    }
+    victim->index = -1;
+    if (!victim->bits) {
+        victim->bits = bitmap_new(entry_bits(c));
+    }
+
+    disk_bytes = entry_disk_bytes(c, index);
+    buf = cache_buf(c);
+    memset(buf, 0, c->entry_bytes);
+    if (disk_bytes) {
+        trace_add_cow_cache_load(c, index);
+        BLKDBG_CO_EVENT(c->meta, BLKDBG_BITMAP_LOAD);
+        ret = bdrv_co_pread(c->meta, c->bitmap_offset + index * c->entry_bytes,
+                            disk_bytes, buf, 0);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    bitmap_from_le(victim->bits, buf, entry_bits(c));
+
+    /* Bits past the virtual disk are ignored on read (spec: padding) */
+    valid = entry_valid_bits(c, index);
+    if (valid < entry_bits(c)) {
+        bitmap_clear(victim->bits, valid, entry_bits(c) - valid);
+    }
+
+    victim->index = index;
+    victim->dirty = false;
+    victim->lru = ++c->lru_counter;
+    *out = victim;
+    return 0;
+}
+
+static void entry_mark_dirty(AddCowCache *c, AddCowCacheEntry *e,
+                             uint64_t first_bit, uint64_t nbits)
+{
+    uint32_t start = QEMU_ALIGN_DOWN(first_bit / 8, BDRV_SECTOR_SIZE);
+    uint32_t end = ROUND_UP(DIV_ROUND_UP(first_bit + nbits, 8),
+                            BDRV_SECTOR_SIZE);
+
+    if (!e->dirty) {
+        e->dirty = true;
+        e->dirty_start = start;
+        e->dirty_end = end;
+    } else {
+        e->dirty_start = MIN(e->dirty_start, start);
+        e->dirty_end = MAX(e->dirty_end, end);
+    }
+}
+
+/*
+ * Return the number of clusters, starting at @cluster and at most @max, that
+ * share the allocation state of @cluster; that state goes to *allocated.
+ * Returns -errno if the bitmap cannot be read.
+ */
+int64_t coroutine_fn GRAPH_RDLOCK
+add_cow_cache_get_run(AddCowCache *c, uint64_t cluster, uint64_t max,
+                      bool *allocated)
+{
+    uint64_t end = MIN(cluster + max, c->nb_clusters);
+    uint64_t pos = cluster;
+    bool state = false;
+    int ret;
+
+    assert(cluster < c->nb_clusters && max > 0);
+
+    while (pos < end) {
+        int64_t index = pos / entry_bits(c);
+        uint64_t base = index * entry_bits(c);
+        uint64_t limit = MIN(end - base, entry_bits(c));
+        uint64_t next;
+        AddCowCacheEntry *e;
+
+        ret = cache_get(c, index, &e);
+        if (ret < 0) {
+            return ret;
+        }
+        if (pos == cluster) {
+            state = test_bit(pos - base, e->bits);
+        }
+        if (state) {
+            next = find_next_zero_bit(e->bits, limit, pos - base);
+        } else {
+            next = find_next_bit(e->bits, limit, pos - base);
+        }
+        pos = base + next;
+        if (next < limit) {
+            break;
+        }
+    }
+
+    *allocated = state;
+    return MIN(pos, end) - cluster;
+}
+
+/*
+ * Set (@allocated) or clear the bits of @count clusters from @cluster.
+ * Setting a bit makes the next bitmap write wait for an image file flush,
+ * so the caller must only set bits for data whose write has completed.
+ */
+int coroutine_fn GRAPH_RDLOCK
+add_cow_cache_set(AddCowCache *c, uint64_t cluster, uint64_t count,
+                  bool allocated)
+{
+    uint64_t end = cluster + count;
+    int ret;
+
+    assert(end <= c->nb_clusters);
+
+    while (cluster < end) {
+        int64_t index = cluster / entry_bits(c);
+        uint64_t base = index * entry_bits(c);
+        uint64_t n = MIN(end - cluster, base + entry_bits(c) - cluster);
+        AddCowCacheEntry *e;
+
+        ret = cache_get(c, index, &e);
+        if (ret < 0) {
+            return ret;
+        }
+        if (allocated) {
+            bitmap_set(e->bits, cluster - base, n);
+            c->depends_on_flush = true;
+        } else {
+            bitmap_clear(e->bits, cluster - base, n);
+        }
+        entry_mark_dirty(c, e, cluster - base, n);
+        cluster += n;
+    }
+    return 0;
+}
+
+/*
+ * Write every dirty entry to the .add-cow file, flushing the image file
+ * first if any of them may set a bit.  The .add-cow file itself is not
+ * flushed here: the block layer flushes it after .bdrv_co_flush_to_os.
+ * On error, the failed entry and all later ones stay dirty.
+ */
+int coroutine_fn GRAPH_RDLOCK add_cow_cache_write(AddCowCache *c)
+{
+    int i, ret;
+
+    for (i = 0; i < c->nb_entries; i++) {
+        ret = entry_writeback(c, &c->entries[i]);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    return 0;
+}
+
+uint32_t add_cow_cache_entry_bytes(AddCowCache *c)
+{
+    return c->entry_bytes;
+}
+
+/* The bits of entry @index if it is cached, else NULL; no I/O */
+const unsigned long *add_cow_cache_lookup(AddCowCache *c, int64_t index)
+{
+    int i;
+
+    for (i = 0; i < c->nb_entries; i++) {
+        if (c->entries[i].index == index) {
+            return c->entries[i].bits;
+        }
+    }
+    return NULL;
+}
+
+/* Forget every entry without writing it (after the bitmap was rewritten) */
+void add_cow_cache_discard_all(AddCowCache *c)
+{
+    int i;
+
+    for (i = 0; i < c->nb_entries; i++) {
+        c->entries[i].index = -1;
+        c->entries[i].dirty = false;
+    }
+}
+
+/*
+ * Change the number of clusters.  Growing clears the bits of the new
+ * clusters on disk before returning (stale bits may remain there from an
+ * earlier shrink, and must never become visible); the caller writes the
+ * header with the new size only afterwards.  Shrinking just drops the bits
+ * past the new end from the cache; they are cleared on the next write-back
+ * of that entry.  Dirty entries are written first, under the old geometry.
+ */
+int coroutine_fn GRAPH_RDLOCK
+add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters)
+{
+    uint64_t old = c->nb_clusters;
+    int64_t first, last;
+    AddCowCacheEntry *e;
+    int i, ret;
+
+    ret = add_cow_cache_write(c);
+    if (ret < 0) {
+        return ret;
+    }
+
+    if (nb_clusters <= old) {
+        c->nb_clusters = nb_clusters;
+        for (i = 0; i < c->nb_entries; i++) {
+            uint64_t valid;
+
+            e = &c->entries[i];
+            if (e->index < 0) {
+                continue;
+            }
+            valid = entry_valid_bits(c, e->index);
+            if (valid < entry_bits(c)) {
+                bitmap_clear(e->bits, valid, entry_bits(c) - valid);
+                entry_mark_dirty(c, e, valid, entry_bits(c) - valid);
+            }
+        }
+        return 0;
+    }
+
+    /*
+     * Growing: the entry holding the old end is reloaded under the old
+     * geometry (which masks stale bits past the old end) and written back in
+     * full under the new one; the rest of the new range is zeroed directly.
+     */
+    add_cow_cache_discard_all(c);
+    first = old / entry_bits(c);
+    last = (nb_clusters - 1) / entry_bits(c);
+    ret = cache_get(c, first, &e);
+    if (ret < 0) {
+        return ret;
+    }
+    c->nb_clusters = nb_clusters;
+    entry_mark_dirty(c, e, 0, entry_bits(c));
+    ret = entry_writeback(c, e);
+    if (ret < 0) {
+        c->nb_clusters = old;
+        add_cow_cache_discard_all(c);
+        return ret;
+    }
+    if (last > first) {
+        uint64_t start = (first + 1) * (uint64_t)c->entry_bytes;
+        uint64_t end = add_cow_bitmap_size(nb_clusters);
+
+        ret = bdrv_co_pwrite_zeroes(c->meta, c->bitmap_offset + start,
+                                    end - start, 0);
+        if (ret < 0) {
+            c->nb_clusters = old;
+            add_cow_cache_discard_all(c);
+            return ret;
+        }
+    }
+    return 0;
+}
