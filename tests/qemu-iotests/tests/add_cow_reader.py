@@ -114,6 +114,9 @@ def parse_format(raw: bytes, what: str) -> str:
                           f'{FMT_SIZE} bytes')
     if nul == 0:
         raise AddCowError(f'{what} is empty but not all zero')
+    if any(raw[nul:]):
+        raise AddCowError(f'{what} has non-zero bytes after its NUL '
+                          f'terminator')
     try:
         value = raw[:nul].decode('ascii')
     except UnicodeDecodeError:

@@ -254,6 +254,8 @@ MALFORMED: Dict[str, Tuple[Mutator, str]] = {
     'image_format_empty': (_put_bytes(80, bytes(16)), 'image_format'),
     'image_format_unterminated': (_put_bytes(80, b'r' * 16), 'image_format'),
     'backing_format_empty': (_put_bytes(96, bytes(16)), 'backing_format'),
+    'image_format_padding': (_put_bytes(84, b'x'), 'image_format'),
+    'backing_format_padding': (_put_bytes(111, b'x'), 'backing_format'),
     'reserved1': (_put_bytes(127, b'\x01'), 'reserved1'),
     'all_allocated': (_put('<Q', 32, 1), 'all allocated'),
 }
