@@ -46,6 +46,7 @@ struct AddCowCache {
     uint32_t entry_bytes;
     int nb_entries;
     AddCowCacheEntry *entries;
+    AddCowCacheEntry *last;     /* most recently used entry, or NULL */
     void *buf;                  /* I/O bounce buffer, entry_bytes */
     uint64_t lru_counter;
     bool depends_on_flush;
@@ -233,9 +234,18 @@ cache_get(AddCowCache *c, int64_t index, AddCowCacheEntry **out)
     void *buf;
     int i, ret;
 
+    /* Requests are mostly sequential: try the last entry used first */
+    e = c->last;
+    if (e && e->index == index) {
+        e->lru = ++c->lru_counter;
+        *out = e;
+        return 0;
+    }
+
     for (i = 0; i < c->nb_entries; i++) {
         e = &c->entries[i];
         if (e->index == index) {
+            c->last = e;
             e->lru = ++c->lru_counter;
             *out = e;
             return 0;
@@ -278,6 +288,7 @@ cache_get(AddCowCache *c, int64_t index, AddCowCacheEntry **out)
     victim->index = index;
     victim->dirty = false;
     victim->lru = ++c->lru_counter;
+    c->last = victim;
     *out = victim;
     return 0;
 }

@@ -647,9 +647,24 @@ static void GRAPH_UNLOCKED add_cow_close(BlockDriverState *bs)
     add_cow_do_close(bs, true);
 }
 
-static int add_cow_reopen_prepare(BDRVReopenState *state,
-                                  BlockReopenQueue *queue, Error **errp)
+static int GRAPH_UNLOCKED
+add_cow_reopen_prepare(BDRVReopenState *state, BlockReopenQueue *queue,
+                       Error **errp)
 {
+    int ret;
+
+    GLOBAL_STATE_CODE();
+    GRAPH_RDLOCK_GUARD_MAINLOOP();
+
+    /* Dirty bitmap entries could not be written once read-only */
+    if (!(state->flags & BDRV_O_RDWR)) {
+        ret = bdrv_flush(state->bs);
+        if (ret < 0) {
+            error_setg_errno(errp, -ret, "Could not write the add-cow "
+                             "bitmap before reopening read-only");
+            return ret;
+        }
+    }
     return 0;
 }
 
