@@ -56,6 +56,14 @@ WRITES = [("w1", 0, 1), ("w2", 7, 3), ("w3", 128, 128), ("w4", 300, 300),
           ("w5", 1024, 1024), ("w6", 129, 2), ("w7", 2100, 1),
           ("w8", 2175, 2), ("w9", 16000, 64), ("w10", 32767, 1)]
 
+READER = os.path.join(TOP, "tests", "qemu-iotests", "tests",
+                      "add_cow_reader.py")
+# qemu-io writes between the two boots of "write": pattern byte (None: write
+# -z), byte offset in the raw area, length.  None of them touch WRITES.
+HOST_WRITES = [(0x5a, 2200 * SECTOR + 100, 3000),
+               (0xa5, 20000 * SECTOR + 7, 70000),
+               (None, 24064 * SECTOR, 69632)]
+
 BOOT_TIMEOUT = float(os.environ.get("CHECK_SYSTEM_TIMEOUT", "240"))
 
 
@@ -113,6 +121,7 @@ class Env:
             if not os.access(tool, os.X_OK):
                 raise Failure("missing %s (run scripts/build.sh)" % tool)
         self.verbose = args.verbose
+        self.reader_checks = 0
 
     def path(self, name):
         return os.path.join(self.work, name)
@@ -160,11 +169,30 @@ class Env:
                 return "no errors"
         return lines[-1] if lines else ""
 
-    def to_raw(self, image, out, fmt=None):
-        self.run([self.qemu_img, "convert", "-f", fmt or self.fmt, "-O", "raw",
+    def to_raw(self, image, out, fmt=None, backing_raw=None):
+        """The guest disk as QEMU reads it (qemu-img convert).  For add-cow
+        with a local raw backing file, the independent reader written from
+        the spec (tests/qemu-iotests/tests/add_cow_reader.py) must produce
+        the same bytes."""
+        fmt = fmt or self.fmt
+        self.run([self.qemu_img, "convert", "-f", fmt, "-O", "raw",
                   image, out])
         with open(out, "rb") as f:
-            return f.read()
+            data = f.read()
+        if fmt == "add-cow" and os.path.exists(READER):
+            alt = out + ".reader"
+            cmd = [sys.executable, READER, image, "--dump", alt]
+            if backing_raw:
+                cmd += ["--backing-raw", backing_raw]
+            self.run(cmd)
+            with open(alt, "rb") as f:
+                same = f.read() == data
+            os.unlink(alt)
+            if not same:
+                raise Failure("the independent add-cow reader and qemu-img "
+                              "convert disagree on %s" % image)
+            self.reader_checks += 1
+        return data
 
     def allocated(self, image):
         """Bytes the overlay itself holds (qemu-img map, depth 0)."""
@@ -495,7 +523,8 @@ def drive(image, fmt, extra=""):
 def check_after_write(env, st, image, name, fmt=None):
     """Host-side checks after the write boot; returns a summary."""
     chk = env.img_check(image, fmt)
-    disk = env.to_raw(image, env.path(name + ".converted.raw"), fmt)
+    disk = env.to_raw(image, env.path(name + ".converted.raw"), fmt,
+                      backing_raw=env.path("base.raw"))
     want_raw = expected_raw_after_writes(st.base_raw)
     d = first_diff(disk[RAW_START:], want_raw)
     if d is not None:
@@ -528,11 +557,39 @@ def sc_write(env, st):
     alloc = env.allocated(ov)
     env.log("  boot 1: %s (%.1f s); qemu-img check: %s; e2fsck: %s; "
             "overlay holds %d KiB" % (v1, t1, chk, fsck, alloc >> 10))
+    # Between the boots, unaligned writes and a zero write from qemu-io.
+    raw = bytearray(expected_raw_after_writes(st.base_raw))
+    cmds = []
+    for pat, off, length in HOST_WRITES:
+        if pat is None:
+            cmds.append("write -z %d %d" % (RAW_START + off, length))
+            raw[off:off + length] = bytes(length)
+        else:
+            cmds.append("write -P 0x%x %d %d" % (pat, RAW_START + off, length))
+            raw[off:off + length] = bytes([pat]) * length
+    for pat, off, length in HOST_WRITES:
+        cmds.append("read -P 0x%x %d %d" % (pat or 0, RAW_START + off, length))
+    argv = [env.qemu_io, "-f", env.fmt]
+    for c in cmds:
+        argv += ["-c", c]
+    p = env.run(argv + [ov])
+    if "Pattern verification failed" in p.stdout or "error" in p.stdout:
+        raise Failure("qemu-io: %s" % p.stdout)
+    chk = env.img_check(ov)
+    disk = env.to_raw(ov, env.path("write.converted.raw"),
+                      backing_raw=env.path("base.raw"))
+    os.unlink(env.path("write.converted.raw"))
+    if disk[RAW_START:] != bytes(raw):
+        raise Failure("raw area differs after the qemu-io writes")
+    want = sha256(bytes(raw))
+    env.log("  qemu-io: %d writes (unaligned, partial clusters, write -z) "
+            "read back; qemu-img check: %s" % (len(HOST_WRITES), chk))
     vm = VM(env, "write-boot2", drive(ov, env.fmt),
             "acow_scenario=verify acow_expect=" + want)
     v2 = vm.verdict()
-    env.img_check(ov)
-    env.log("  boot 2: %s (%.1f s)" % (v2, vm.elapsed()))
+    chk = env.img_check(ov)
+    env.log("  boot 2: %s (%.1f s); qemu-img check: %s"
+            % (v2, vm.elapsed(), chk))
     return "2 boots, data verified by host and guest"
 
 
@@ -553,7 +610,8 @@ def sc_crash(env, st):
     env.log("  killed QEMU (SIGKILL) after %d fsynced records (%.1f s)"
             % (n, vm.elapsed()))
     chk = env.img_check(ov)
-    disk = env.to_raw(ov, env.path("crash.converted.raw"))
+    disk = env.to_raw(ov, env.path("crash.converted.raw"),
+                      backing_raw=env.path("base.raw"))
     # Raw records 1..n must be there, nothing else in the raw area changed
     # except possibly record n + 1 (in flight when killed).
     want = expected_raw_after_records(st.base_raw, n)
@@ -622,7 +680,8 @@ def sc_stream(env, st):
     if "backing-filename" in info:
         raise Failure("stream: overlay still has a backing file: %s"
                       % info["backing-filename"])
-    disk = env.to_raw(ov, env.path("stream.converted.raw"))
+    disk = env.to_raw(ov, env.path("stream.converted.raw"),
+                      backing_raw=env.path("base.raw"))
     want_raw = expected_raw_after_records(st.base_raw, n)
     if disk[RAW_START:] != want_raw:
         raise Failure("stream: raw area differs from the model")
@@ -702,6 +761,7 @@ def sc_remote(env, st):
         env.log("  boot 1 (backing %s): %s (%.1f s); qemu-img check: %s; "
                 "e2fsck: %s" % (url, v1, t1, chk, fsck))
         append = "acow_scenario=verify acow_expect=" + want
+        hidden = None
         if env.fmt == "add-cow":
             # Serve the image file over NBD too and boot with it from there.
             img_qsd = QSD(env, "nbd-img", [
@@ -709,6 +769,10 @@ def sc_remote(env, st):
                 % env.image_file(ov),
                 "--export", "type=nbd,id=exp1,node-name=img0,name=img,"
                 "writable=on"])
+            # Hide the local file (the daemon keeps it open) so that the
+            # guest can only reach it through NBD.
+            hidden = env.image_file(ov) + ".served-by-nbd"
+            os.rename(env.image_file(ov), hidden)
             args = ["-blockdev",
                     "driver=add-cow,node-name=top,cache.direct=off,"
                     "file.driver=file,file.filename=%s,"
@@ -720,8 +784,12 @@ def sc_remote(env, st):
         else:
             args = drive(ov, env.fmt)
             where = "base over NBD"
-        vm = VM(env, "remote-boot2", args, append)
-        v2 = vm.verdict()
+        try:
+            vm = VM(env, "remote-boot2", args, append)
+            v2 = vm.verdict()
+        finally:
+            if hidden:
+                os.rename(hidden, env.image_file(ov))
         env.log("  boot 2 (%s): %s (%.1f s)" % (where, v2, vm.elapsed()))
         if img_qsd:
             img_qsd.stop()
@@ -803,10 +871,11 @@ def main():
                                           msg, dt))
         results.append(ok)
     passed = sum(results)
-    env.log("%d/%d scenarios passed, base image unchanged: %s, %.1f s total"
+    env.log("%d/%d scenarios passed, base image unchanged: %s, "
+            "independent reader agreed %d times, %.1f s total"
             % (passed, len(results),
                "yes" if sha256_file(env.path("base.raw")) == base_sha
-               else "NO", time.time() - t_all))
+               else "NO", env.reader_checks, time.time() - t_all))
     if passed == len(results) and not args.keep:
         # Drop the disk images; logs and serial transcripts stay.
         for f in os.listdir(env.work):
