@@ -318,20 +318,29 @@ static int add_cow_check_image_name(const char *name, Error **errp)
     return 0;
 }
 
-/* Write the fixed header (one sector, atomic) and flush the .add-cow file */
-static int coroutine_fn GRAPH_RDLOCK
+/*
+ * Write the fixed header and flush the .add-cow file.  Sector 0 is
+ * rewritten as a whole (one sector-atomic write): after a crash it is
+ * either completely old or completely new.  Names that share the sector
+ * were made stable before the header points at them.
+ */
+static int coroutine_mixed_fn GRAPH_RDLOCK
 add_cow_write_header(BlockDriverState *bs, const AddCowHeader *h)
 {
-    AddCowHeader le;
+    uint8_t *buf = qemu_blockalign(bs->file->bs, BDRV_SECTOR_SIZE);
     int ret;
 
     trace_add_cow_write_header(bs, h->virtual_size, h->autoclear_features);
-    add_cow_header_cpu_to_le(h, &le);
-    ret = bdrv_co_pwrite(bs->file, 0, sizeof(le), &le, 0);
-    if (ret < 0) {
-        return ret;
+    ret = bdrv_pread(bs->file, 0, BDRV_SECTOR_SIZE, buf, 0);
+    if (ret == 0) {
+        add_cow_header_cpu_to_le(h, (AddCowHeader *)buf);
+        ret = bdrv_pwrite(bs->file, 0, BDRV_SECTOR_SIZE, buf, 0);
     }
-    return bdrv_co_flush(bs->file->bs);
+    if (ret == 0) {
+        ret = bdrv_flush(bs->file->bs);
+    }
+    qemu_vfree(buf);
+    return ret;
 }
 
 static void add_cow_set_geometry(BDRVAddCowState *s)
@@ -1480,14 +1489,14 @@ static int GRAPH_RDLOCK add_cow_make_empty(BlockDriverState *bs)
         return ret;
     }
     if (add_cow_all_allocated(s)) {
-        AddCowHeader le;
+        AddCowHeader h = s->header;
 
-        s->header.autoclear_features &= ~ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
-        add_cow_header_cpu_to_le(&s->header, &le);
-        ret = bdrv_pwrite_sync(bs->file, 0, sizeof(le), &le, 0);
+        h.autoclear_features &= ~ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
+        ret = add_cow_write_header(bs, &h);
         if (ret < 0) {
             return ret;
         }
+        s->header = h;
     }
     ret = bdrv_pwrite_zeroes(bs->file, s->header.bitmap_offset,
                              s->header.bitmap_size, 0);
