@@ -2111,6 +2111,7 @@ static BlockDriver bdrv_add_cow = {
     .bdrv_co_create                 = add_cow_co_create,
     .bdrv_co_create_opts            = add_cow_co_create_opts,
     .bdrv_refresh_limits            = add_cow_refresh_limits,
+    .bdrv_has_zero_init             = bdrv_has_zero_init_1,
 
     .bdrv_co_preadv_part            = add_cow_co_preadv_part,
     .bdrv_co_pwritev_part           = add_cow_co_pwritev_part,
