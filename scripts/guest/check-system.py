@@ -29,6 +29,7 @@
 #                        [--scenario NAME]... [--keep] [--verbose]
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -69,6 +70,18 @@ BOOT_TIMEOUT = float(os.environ.get("CHECK_SYSTEM_TIMEOUT", "240"))
 
 class Failure(Exception):
     pass
+
+
+# Every QEMU / qemu-storage-daemon started; killed when a scenario ends.
+CHILDREN = []
+
+
+def reap_children():
+    for p in CHILDREN:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    CHILDREN.clear()
 
 
 def gen(tag, length):
@@ -115,8 +128,8 @@ class Env:
         self.qsd = os.path.join(build, "storage-daemon", "qemu-storage-daemon")
         self.guest = os.environ.get("GUEST_DIR",
                                     os.path.join(TOP, ".build", "guest"))
-        self.work = args.workdir or os.path.join(TOP, ".build",
-                                                 "check-system")
+        self.work = args.workdir or os.path.join(
+            TOP, ".build", "check-system", args.selection)
         for tool in (self.qemu, self.qemu_img, self.qemu_io, self.qsd):
             if not os.access(tool, os.X_OK):
                 raise Failure("missing %s (run scripts/build.sh)" % tool)
@@ -267,6 +280,7 @@ class VM:
         self.t0 = time.time()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.errf)
+        CHILDREN.append(self.proc)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         self.qmp = None
@@ -724,6 +738,7 @@ class QSD:
             env.log("$ " + " ".join(cmd))
         self.proc = subprocess.Popen(cmd, stdout=self.errf,
                                      stderr=subprocess.STDOUT)
+        CHILDREN.append(self.proc)
         deadline = time.time() + 30
         while not os.path.exists(pidfile):
             if self.proc.poll() is not None or time.time() > deadline:
@@ -832,6 +847,8 @@ def main():
         args.records = 25 if args.quick else 40
     names = args.scenario or (QUICK if args.quick else
                               [n for n, _ in SCENARIOS])
+    args.selection = ("quick" if args.quick and not args.scenario else
+                      "all" if not args.scenario else "-".join(names))
 
     t_all = time.time()
     try:
@@ -842,9 +859,11 @@ def main():
     subprocess.run(["bash", os.path.join(HERE, "build-guest.sh")],
                    check=True, env=dict(os.environ, GUEST_DIR=env.guest))
     os.makedirs(env.work, exist_ok=True)
+    lock = open(os.path.join(env.work, ".lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     for f in os.listdir(env.work):
         p = os.path.join(env.work, f)
-        if os.path.isfile(p) or os.path.islink(p):
+        if (os.path.isfile(p) or os.path.islink(p)) and f != ".lock":
             os.unlink(p)
     st = State()
     st.base_raw, st.files = make_base(env)
@@ -866,6 +885,8 @@ def main():
             ok = True
         except Failure as e:
             msg, ok = str(e), False
+        finally:
+            reap_children()
         dt = time.time() - t0
         env.log("[%s] %s: %s (%.1f s)" % (name, "PASS" if ok else "FAIL",
                                           msg, dt))
