@@ -768,13 +768,22 @@ def sc_remote(env, st):
     img_qsd = None
     try:
         url = "nbd+unix:///base?socket=%s" % base_qsd.sock
-        ov = env.create_overlay("remote", backing=url)
-        vm = VM(env, "remote-boot1", drive(ov, env.fmt), "acow_scenario=write")
-        v1 = vm.verdict()
-        t1 = vm.elapsed()
-        chk, fsck, want = check_after_write(env, st, ov, "remote")
-        env.log("  boot 1 (backing %s): %s (%.1f s); qemu-img check: %s; "
-                "e2fsck: %s" % (url, v1, t1, chk, fsck))
+        # Two VMs at once on their own overlays over the one NBD export.
+        ovs = [env.create_overlay(n, backing=url)
+               for n in ("remote", "remote2")]
+        vms = [VM(env, "%s-boot1" % os.path.basename(ov).split(".")[0],
+                  drive(ov, env.fmt), "acow_scenario=write") for ov in ovs]
+        for vm, ov in zip(vms, ovs):
+            v1 = vm.verdict()
+            t1 = vm.elapsed()
+            name = os.path.basename(ov).split(".")[0]
+            chk, fsck, want = check_after_write(env, st, ov, name)
+            info = env.info(ov)
+            env.log("  boot 1 of %s (backing %s): %s (%.1f s); qemu-img "
+                    "check: %s; e2fsck: %s"
+                    % (os.path.basename(ov), info.get("backing-filename"), v1,
+                       t1, chk, fsck))
+        ov = ovs[0]
         append = "acow_scenario=verify acow_expect=" + want
         hidden = None
         if env.fmt == "add-cow":
