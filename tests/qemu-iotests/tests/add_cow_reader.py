@@ -332,6 +332,18 @@ class Image:
         if any(area):
             self.warnings.append('unused bytes of the name area are not '
                                  'zero (ignored)')
+        assert self._meta is not None
+        gap = self.header.bitmap_offset - self.header.header_size
+        self._meta.seek(self.header.header_size)
+        while gap > 0:
+            chunk = self._meta.read(min(gap, CHUNK))
+            if not chunk:
+                break
+            if chunk.count(0) != len(chunk):
+                self.warnings.append('bytes between the header and the '
+                                     'bitmap are not zero (ignored)')
+                break
+            gap -= len(chunk)
 
     def _first_clear_bit(self) -> Optional[int]:
         full = self.nb_clusters // 8
@@ -448,6 +460,15 @@ class Image:
         data = f.read(min(length, file_len - offset))
         return data + bytes(length - len(data))
 
+    def _source_len(self, allocated: bool) -> int:
+        """Length of the file a run reads from (0 if it reads zeros)."""
+        if allocated:
+            self._open_image()
+            return self._image_len
+        if self._open_backing() is None:
+            return 0
+        return self._backing_len
+
     def read_run(self, offset: int, length: int, allocated: bool) -> bytes:
         """Read guest bytes from a run of uniform allocation state."""
         if allocated:
@@ -471,13 +492,28 @@ class Image:
         return bytes(out)
 
     def dump(self, out: BinaryIO) -> None:
-        """Write the whole guest disk to out."""
+        """Write the whole guest disk to out.
+
+        If out is seekable, runs of zeros are skipped so that the output
+        file is sparse.
+        """
+        sparse = out.seekable()
+        zero = bytes(CHUNK)
         for start, run_len, state in self.runs():
             pos = start
+            if sparse and start >= self._source_len(state):
+                out.seek(run_len, os.SEEK_CUR)
+                continue
             while pos < start + run_len:
                 n = min(CHUNK, start + run_len - pos)
-                out.write(self.read_run(pos, n, state))
+                data = self.read_run(pos, n, state)
+                if sparse and data == zero[:n]:
+                    out.seek(n, os.SEEK_CUR)
+                else:
+                    out.write(data)
                 pos += n
+        if sparse:
+            out.truncate(self.virtual_size)
 
     def info(self) -> List[str]:
         """Header fields as 'name: value' lines."""

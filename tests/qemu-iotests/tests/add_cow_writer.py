@@ -303,6 +303,28 @@ def _malformed(tmp: str) -> int:
     return len(MALFORMED) + 2
 
 
+def _warnings(tmp: str) -> None:
+    """Informational problems are reported but do not stop reading."""
+    d = tempfile.mkdtemp(dir=tmp)
+    img = os.path.join(d, 'w.add-cow')
+    size = 3 * 65536
+    hdr = bytearray(make_header(size, b'x.img'))
+    struct.pack_into('<Q', hdr, 48, len(hdr) + 512)      # bitmap_offset
+    hdr[1000] = 1                                       # name area junk
+    gap = b'\x01' + bytes(511)
+    bitmap = bytearray(bitmap_size(size, 16))
+    bitmap[0] = 0xff                                    # bits 3-7: padding
+    with open(img, 'wb') as f:
+        f.write(bytes(hdr) + gap + bytes(bitmap))
+    with open(os.path.join(d, 'x.img'), 'wb') as f:
+        f.write(b'\x42' * size)
+    with reader.Image(img) as r:
+        assert r.read(0, size) == b'\x42' * size
+        assert len(r.warnings) == 3, r.warnings
+    with reader.Image(img, allow_inconsistent=True):
+        pass
+
+
 def selftest() -> int:
     """Run all self-tests; return the number of failures."""
     tests: List[Tuple[str, Callable[[str], object]]] = []
@@ -318,6 +340,7 @@ def selftest() -> int:
     tests.append(('image file shorter than virtual size',
                   lambda t: _roundtrip(t, 12, 1 << 20, 4 << 20, 4096)))
     tests.append(('malformed headers', _malformed))
+    tests.append(('consistency warnings', _warnings))
     passed = failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn in tests:
