@@ -65,7 +65,7 @@ HOST_WRITES = [(0x5a, 2200 * SECTOR + 100, 3000),
                (0xa5, 20000 * SECTOR + 7, 70000),
                (None, 24064 * SECTOR, 69632)]
 
-BOOT_TIMEOUT = float(os.environ.get("CHECK_SYSTEM_TIMEOUT", "240"))
+BOOT_TIMEOUT = float(os.environ.get("CHECK_SYSTEM_TIMEOUT", "300"))
 
 
 class Failure(Exception):
