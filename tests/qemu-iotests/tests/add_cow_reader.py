@@ -406,11 +406,15 @@ class Image:
         return self._resolve(self.image_name)
 
     def backing_path(self) -> Optional[str]:
-        """Path of the raw backing file to use, or None for zeros."""
-        if self.backing_override is not None:
-            return self.backing_override
+        """Path of the raw backing file to use, or None for zeros.
+
+        Without a backing file in the header, unallocated clusters read as
+        zeros even if an override was given.
+        """
         if self.backing_name is None:
             return None
+        if self.backing_override is not None:
+            return self.backing_override
         if has_protocol_prefix(self.backing_name):
             raise AddCowError(f'{self.path}: backing file '
                               f'{self.backing_name!r} is a protocol URL; '
@@ -582,6 +586,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         with Image(args.image, args.backing_raw,
                    allow_inconsistent=args.check) as img:
+            if args.backing_raw and img.backing_name is None:
+                print(f'add_cow_reader: {args.image} has no backing file; '
+                      f'ignoring --backing-raw', file=sys.stderr)
             if args.info:
                 print('\n'.join(img.info()))
             if args.map:
