@@ -148,8 +148,8 @@ class Env:
         p = subprocess.run(cmd, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, **kw)
         if check and p.returncode != 0:
-            raise Failure("%s exited %d:\n%s" % (" ".join(cmd), p.returncode,
-                                                p.stdout))
+            raise Failure("%s exited %d:\n%s"
+                          % (" ".join(cmd), p.returncode, p.stdout))
         return p
 
     # ----------------------------------------------------------- images
@@ -836,7 +836,8 @@ class State:
 
 
 def main():
-    ap = argparse.ArgumentParser(description="add-cow end-to-end tests with a real guest")
+    ap = argparse.ArgumentParser(
+        description="add-cow end-to-end tests with a real guest")
     ap.add_argument("--quick", action="store_true",
                     help="only the write+reboot and crash scenarios")
     ap.add_argument("--scenario", action="append",

@@ -26,6 +26,7 @@ done
 if [ -n "$need" ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "check-system: installing$need" >&2
+        # shellcheck disable=SC2086
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
             --no-install-recommends $need >/dev/null
     else
