@@ -461,10 +461,10 @@ add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters)
     }
 
     if (nb_clusters <= old) {
+        uint64_t valid;
+
         c->nb_clusters = nb_clusters;
         for (i = 0; i < c->nb_entries; i++) {
-            uint64_t valid;
-
             e = &c->entries[i];
             if (e->index < 0) {
                 continue;
@@ -474,6 +474,19 @@ add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters)
                 bitmap_clear(e->bits, valid, entry_bits(c) - valid);
                 entry_mark_dirty(c, e, valid, entry_bits(c) - valid);
             }
+        }
+        /*
+         * The entry holding the new end may not be cached: loading it
+         * masks the bits past the end, marking it dirty writes them as 0.
+         * Later entries lie past the new bitmap and need no clearing.
+         */
+        if (nb_clusters % entry_bits(c)) {
+            ret = cache_get(c, nb_clusters / entry_bits(c), &e);
+            if (ret < 0) {
+                return ret;
+            }
+            valid = entry_valid_bits(c, e->index);
+            entry_mark_dirty(c, e, valid, entry_bits(c) - valid);
         }
         return 0;
     }

@@ -1515,93 +1515,162 @@ static int GRAPH_RDLOCK add_cow_make_empty(BlockDriverState *bs)
     return 0;
 }
 
+/* What a scan of the on-disk bitmap found (see add_cow_scan_bitmap()) */
+typedef struct AddCowBitmapScan {
+    uint64_t allocated;         /* meaningful bits set */
+    uint64_t first_clear;       /* first meaningful bit clear, or nb_clusters */
+    uint64_t alloc_end;         /* last meaningful bit set + 1, or 0 */
+    uint64_t pad_set;           /* padding bits set */
+    uint64_t first_pad;         /* byte of the first padding bit set */
+} AddCowBitmapScan;
+
+/*
+ * Read the bitmap as it is on disk, padding included (the cache hides the
+ * padding bits and trusts the all-allocated flag, so it cannot be used to
+ * check either).  The caller has written the cache back.
+ */
+static int coroutine_fn GRAPH_RDLOCK
+add_cow_scan_bitmap(BlockDriverState *bs, AddCowBitmapScan *sc)
+{
+    BDRVAddCowState *s = bs->opaque;
+    const uint64_t chunk = 1024 * 1024;
+    uint64_t nb = s->nb_clusters;
+    uint64_t pos, len, i;
+    uint8_t *buf;
+    int ret = 0;
+
+    *sc = (AddCowBitmapScan) { .first_clear = nb };
+    buf = qemu_try_blockalign(bs->file->bs, MIN(chunk, s->header.bitmap_size));
+    if (!buf && s->header.bitmap_size) {
+        return -ENOMEM;
+    }
+    for (pos = 0; pos < s->header.bitmap_size; pos += len) {
+        len = MIN(chunk, s->header.bitmap_size - pos);
+        ret = bdrv_co_pread(bs->file, s->header.bitmap_offset + pos, len, buf,
+                            0);
+        if (ret < 0) {
+            break;
+        }
+        for (i = 0; i < len; i++) {
+            uint64_t c0 = (pos + i) * 8;
+            uint8_t mask, m, p;
+
+            mask = c0 >= nb ? 0 : nb - c0 >= 8 ? 0xff :
+                   (1U << (nb - c0)) - 1;
+            m = buf[i] & mask;
+            p = buf[i] & ~mask;
+            if (p) {
+                if (!sc->pad_set) {
+                    sc->first_pad = pos + i;
+                }
+                sc->pad_set += ctpop8(p);
+            }
+            if (m) {
+                sc->allocated += ctpop8(m);
+                sc->alloc_end = c0 + 8 - clz8(m);
+            }
+            if (m != mask && sc->first_clear == nb) {
+                sc->first_clear = c0 + ctz32(~m & mask);
+            }
+        }
+    }
+    qemu_vfree(buf);
+    return ret;
+}
+
+/* Clear every padding bit of the bitmap on disk */
+static int coroutine_fn GRAPH_RDLOCK
+add_cow_clear_padding(BlockDriverState *bs)
+{
+    BDRVAddCowState *s = bs->opaque;
+    uint64_t first_byte = s->nb_clusters / 8;
+    uint64_t sector = QEMU_ALIGN_DOWN(first_byte, BDRV_SECTOR_SIZE);
+    uint64_t rest = sector + BDRV_SECTOR_SIZE;
+    uint8_t *buf;
+    int ret;
+
+    /* The sector holding the first padding bit keeps its meaningful bits */
+    buf = qemu_blockalign(bs->file->bs, BDRV_SECTOR_SIZE);
+    ret = bdrv_co_pread(bs->file, s->header.bitmap_offset + sector,
+                        BDRV_SECTOR_SIZE, buf, 0);
+    if (ret == 0) {
+        uint64_t i = first_byte - sector;
+
+        if (s->nb_clusters % 8) {
+            buf[i++] &= (1U << (s->nb_clusters % 8)) - 1;
+        }
+        memset(buf + i, 0, BDRV_SECTOR_SIZE - i);
+        ret = bdrv_co_pwrite(bs->file, s->header.bitmap_offset + sector,
+                             BDRV_SECTOR_SIZE, buf, 0);
+    }
+    qemu_vfree(buf);
+    if (ret == 0 && rest < s->header.bitmap_size) {
+        ret = bdrv_co_pwrite_zeroes(bs->file, s->header.bitmap_offset + rest,
+                                    s->header.bitmap_size - rest, 0);
+    }
+    if (ret == 0) {
+        ret = bdrv_co_flush(bs->file->bs);
+    }
+    /* The cache was clean and masks padding bits: it stays valid */
+    return ret;
+}
+
+/*
+ * qemu-img check.  The header was validated by open (an image that breaks a
+ * field rule does not open at all), and open also found the image file and
+ * the backing file, so what is left are the conditions a reader tolerates:
+ *
+ *  - padding bits set past the last cluster (a reader ignores them, but a
+ *    later grow must not see them): repaired by clearing them;
+ *  - the all-allocated flag set over a clear bit: repaired by clearing the
+ *    flag, so that the bitmap decides again (the flag may only be set after
+ *    every bit is, so the bitmap is the more trustworthy of the two);
+ *  - an image file that ends before an allocated cluster does (that data
+ *    reads as zeros, it is lost): repaired by extending the image file to
+ *    the virtual size, which makes the loss explicit but keeps the reads;
+ *    an image file shorter than the virtual size without allocated data
+ *    past its end is only a warning (writes extend it), -r all extends it.
+ *
+ * Everything is reported on stderr, prefixed with ERROR, Warning or
+ * Repairing like the other drivers do.
+ */
 static int coroutine_fn GRAPH_RDLOCK
 add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
                  BdrvCheckMode fix)
 {
     BDRVAddCowState *s = bs->opaque;
-    int64_t offset = 0, n, image_len, allocated_bytes = 0;
-    uint64_t allocated_clusters = 0, pad_start, pos;
-    g_autofree uint8_t *buf = NULL;
-    bool allocated, need_repair_pad = false;
+    const bool repair = fix & BDRV_FIX_ERRORS;
+    AddCowBitmapScan sc;
+    uint64_t alloc_end;
+    int64_t image_len;
     int ret;
 
     qemu_co_mutex_lock(&s->lock);
 
     ret = add_cow_cache_write(s->cache);
     if (ret < 0) {
+        fprintf(stderr, "ERROR cannot write the bitmap cache: %s\n",
+                strerror(-ret));
+        result->check_errors++;
+        goto out;
+    }
+    ret = add_cow_scan_bitmap(bs, &sc);
+    if (ret < 0) {
+        fprintf(stderr, "ERROR cannot read the bitmap: %s\n", strerror(-ret));
         result->check_errors++;
         goto out;
     }
 
-    /* Allocation map */
-    while (offset < s->header.virtual_size) {
-        n = add_cow_find_run(s, offset, s->header.virtual_size - offset,
-                             &allocated);
-        if (n < 0) {
-            fprintf(stderr, "ERROR cannot read the bitmap: %s\n",
-                    strerror(-n));
-            result->check_errors++;
-            ret = n;
-            goto out;
-        }
-        if (allocated) {
-            allocated_clusters += DIV_ROUND_UP(n, s->cluster_size);
-            allocated_bytes = offset + n;
-        }
-        offset += n;
-    }
-
-    /* Padding bits past the last cluster must be zero */
-    pad_start = s->nb_clusters / 8;
-    if (s->header.bitmap_size > pad_start) {
-        uint64_t len = s->header.bitmap_size - pad_start;
-
-        buf = g_malloc(MIN(len, 1024 * 1024));
-        for (pos = pad_start; pos < s->header.bitmap_size; ) {
-            uint64_t chunk = MIN(len, 1024 * 1024);
-            uint64_t i;
-
-            ret = bdrv_co_pread(bs->file, s->header.bitmap_offset + pos,
-                                chunk, buf, 0);
+    if (sc.pad_set) {
+        fprintf(stderr, "%s %" PRIu64 " bitmap bit(s) past the last cluster "
+                "(%" PRIu64 ") are set, the first in bitmap byte %" PRIu64
+                "\n", repair ? "Repairing" : "ERROR", sc.pad_set,
+                s->nb_clusters ? s->nb_clusters - 1 : 0, sc.first_pad);
+        if (repair) {
+            ret = add_cow_clear_padding(bs);
             if (ret < 0) {
-                result->check_errors++;
-                goto out;
-            }
-            if (pos == pad_start && s->nb_clusters % 8) {
-                buf[0] &= ~((1U << (s->nb_clusters % 8)) - 1);
-            }
-            for (i = 0; i < chunk; i++) {
-                if (buf[i]) {
-                    need_repair_pad = true;
-                }
-            }
-            pos += chunk;
-            len -= chunk;
-        }
-    }
-    if (need_repair_pad) {
-        fprintf(stderr, "%s bitmap bits past the end of the image are set\n",
-                fix & BDRV_FIX_ERRORS ? "Repairing" : "ERROR");
-        if (fix & BDRV_FIX_ERRORS) {
-            /* Rewriting the boundary entry clears them */
-            if (s->nb_clusters) {
-                ret = add_cow_cache_set(s->cache, s->nb_clusters - 1, 1,
-                                        allocated_bytes ==
-                                        s->header.virtual_size);
-            }
-            if (ret == 0 && s->header.bitmap_size > ROUND_UP(pad_start + 1,
-                                                             512)) {
-                uint64_t z = ROUND_UP(pad_start + 1, 512);
-
-                ret = bdrv_co_pwrite_zeroes(bs->file,
-                                            s->header.bitmap_offset + z,
-                                            s->header.bitmap_size - z, 0);
-            }
-            if (ret == 0) {
-                ret = add_cow_cache_write(s->cache);
-            }
-            if (ret < 0) {
+                fprintf(stderr, "ERROR cannot clear the padding bits: %s\n",
+                        strerror(-ret));
                 result->check_errors++;
                 goto out;
             }
@@ -1611,84 +1680,82 @@ add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
         }
     }
 
-    /* The all-allocated flag must match the bitmap */
-    if (add_cow_all_allocated(s)) {
-        /* find_run() trusts the flag: look at the bitmap itself */
-        uint64_t c;
-        int64_t r;
+    if (add_cow_all_allocated(s) && sc.first_clear < s->nb_clusters) {
+        fprintf(stderr, "%s all-allocated flag is set, but %" PRIu64
+                " cluster(s) are not allocated in the bitmap (the first is "
+                "cluster %" PRIu64 ")%s\n", repair ? "Repairing" : "ERROR",
+                s->nb_clusters - sc.allocated, sc.first_clear,
+                repair ? ": clearing the flag, those clusters read from the "
+                "backing file again" : "");
+        if (repair) {
+            AddCowHeader h = s->header;
 
-        s->header.autoclear_features &= ~ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
-        for (c = 0; c < s->nb_clusters; c += r) {
-            r = add_cow_cache_get_run(s->cache, c, s->nb_clusters - c,
-                                      &allocated);
-            if (r < 0) {
-                ret = r;
-                break;
+            h.autoclear_features &= ~ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
+            ret = add_cow_write_header(bs, &h);
+            if (ret < 0) {
+                fprintf(stderr, "ERROR cannot write the header: %s\n",
+                        strerror(-ret));
+                result->check_errors++;
+                goto out;
             }
-            if (!allocated) {
-                break;
-            }
-        }
-        s->header.autoclear_features |= ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
-        if (ret < 0) {
-            result->check_errors++;
-            goto out;
-        }
-        if (c < s->nb_clusters) {
-            fprintf(stderr, "%s all-allocated flag set but cluster %" PRIu64
-                    " is not allocated\n",
-                    fix & BDRV_FIX_ERRORS ? "Repairing" : "ERROR", c);
-            if (fix & BDRV_FIX_ERRORS) {
-                AddCowHeader h = s->header;
-
-                h.autoclear_features &= ~ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
-                ret = add_cow_write_header(bs, &h);
-                if (ret < 0) {
-                    result->check_errors++;
-                    goto out;
-                }
-                s->header = h;
-                result->corruptions_fixed++;
-            } else {
-                result->corruptions++;
-            }
+            s->header = h;
+            result->corruptions_fixed++;
+        } else {
+            result->corruptions++;
         }
     }
 
-    /* The image file must cover every allocated cluster */
-    if (s->image) {
-        image_len = bdrv_co_getlength(s->image->bs);
-        if (image_len < 0) {
+    /* Reads trust the flag while it is set */
+    alloc_end = add_cow_all_allocated(s) ? s->header.virtual_size :
+                MIN(sc.alloc_end << s->header.cluster_bits,
+                    s->header.virtual_size);
+    image_len = bdrv_co_getlength(s->image->bs);
+    if (image_len < 0) {
+        ret = image_len;
+        fprintf(stderr, "ERROR cannot get the image file length: %s\n",
+                strerror(-ret));
+        result->check_errors++;
+        goto out;
+    }
+    if (image_len < alloc_end) {
+        fprintf(stderr, "%s image file is %" PRId64 " bytes long, but "
+                "allocated clusters reach up to %" PRIu64 " (cluster %"
+                PRIu64 "): their data past the end of the image file is "
+                "lost and reads as zeros%s\n", repair ? "Repairing" : "ERROR",
+                image_len, alloc_end,
+                (alloc_end - 1) >> s->header.cluster_bits,
+                repair ? "; extending the image file to the virtual size" :
+                "");
+    } else if (image_len < s->header.virtual_size) {
+        fprintf(stderr, "%s image file is %" PRId64 " bytes long, shorter "
+                "than the virtual size (%" PRIu64 ")%s\n",
+                repair ? "Repairing" : "Warning", image_len,
+                s->header.virtual_size,
+                repair ? ": extending it" : "; no allocated cluster lies "
+                "past its end");
+    }
+    if (image_len < s->header.virtual_size && repair) {
+        ret = bdrv_co_truncate(s->image, s->header.virtual_size, false,
+                               PREALLOC_MODE_OFF, 0, NULL);
+        if (ret == 0) {
+            ret = bdrv_co_flush(s->image->bs);
+        }
+        if (ret < 0) {
+            fprintf(stderr, "ERROR cannot extend the image file: %s\n",
+                    strerror(-ret));
             result->check_errors++;
-            ret = image_len;
             goto out;
         }
-        if (image_len < s->header.virtual_size) {
-            bool bad = image_len < allocated_bytes;
-
-            fprintf(stderr, "%s image file is shorter (%" PRId64 " bytes) "
-                    "than the virtual size (%" PRIu64 " bytes)\n",
-                    fix & BDRV_FIX_ERRORS ? "Repairing" :
-                    bad ? "ERROR" : "Warning", image_len,
-                    s->header.virtual_size);
-            if (fix & BDRV_FIX_ERRORS) {
-                ret = bdrv_co_truncate(s->image, s->header.virtual_size,
-                                       false, PREALLOC_MODE_OFF, 0, NULL);
-                if (ret < 0) {
-                    result->check_errors++;
-                    goto out;
-                }
-                if (bad) {
-                    result->corruptions_fixed++;
-                }
-            } else if (bad) {
-                result->corruptions++;
-            }
+        if (image_len < alloc_end) {
+            result->corruptions_fixed++;
         }
+    } else if (image_len < alloc_end) {
+        result->corruptions++;
     }
 
     result->bfi.total_clusters = s->nb_clusters;
-    result->bfi.allocated_clusters = allocated_clusters;
+    result->bfi.allocated_clusters = add_cow_all_allocated(s) ?
+                                     s->nb_clusters : sc.allocated;
     result->image_end_offset = s->header.bitmap_offset +
                                s->header.bitmap_size;
     ret = 0;
@@ -1883,7 +1950,6 @@ add_cow_co_create(BlockdevCreateOptions *opts, Error **errp)
         error_setg_errno(errp, -ret, "Could not get the image file size");
         goto out;
     }
-    size = MAX(size, ROUND_UP(image_len, BDRV_SECTOR_SIZE));
     if (image_len < size) {
         ret = blk_co_truncate(image_blk, size, false, PREALLOC_MODE_OFF, 0,
                               errp);
@@ -1919,6 +1985,38 @@ out:
     blk_co_unref(image_blk);
     bdrv_co_unref(image_bs);
     return ret;
+}
+
+/* Length of the backing file named at create time, or -errno */
+static int64_t coroutine_fn GRAPH_UNLOCKED
+add_cow_backing_length(const char *filename, const char *backing,
+                       const char *fmt)
+{
+    g_autofree char *full = NULL;
+    BlockDriverState *bs;
+    QDict *opts = qdict_new();
+    int64_t len;
+
+    full = bdrv_get_full_backing_filename_from_filename(filename, backing,
+                                                        NULL);
+    if (!full) {
+        qobject_unref(opts);
+        return -EINVAL;
+    }
+    if (fmt) {
+        qdict_put_str(opts, "driver", fmt);
+    }
+    qdict_put_bool(opts, BDRV_OPT_FORCE_SHARE, true);
+    bs = bdrv_co_open(full, NULL, opts, BDRV_O_NO_IO | BDRV_O_NO_BACKING,
+                      NULL);
+    if (!bs) {
+        return -EIO;
+    }
+    bdrv_graph_co_rdlock();
+    len = bdrv_co_getlength(bs);
+    bdrv_graph_co_rdunlock();
+    bdrv_co_unref(bs);
+    return len;
 }
 
 static int coroutine_fn GRAPH_UNLOCKED
@@ -2031,6 +2129,31 @@ add_cow_co_create_opts(BlockDriver *drv, const char *filename,
     /* Silently round up the size */
     create_options->u.add_cow.size =
         ROUND_UP(create_options->u.add_cow.size, BDRV_SECTOR_SIZE);
+
+    /*
+     * qemu-img fills in the backing file's size when no size was given.
+     * In that case an existing, larger image file is the disk being
+     * wrapped: use its size instead.
+     */
+    if (create_options->u.add_cow.backing_file) {
+        int64_t image_len, backing_len;
+
+        bdrv_graph_co_rdlock();
+        image_len = bdrv_co_getlength(image_bs);
+        bdrv_graph_co_rdunlock();
+        backing_len = add_cow_backing_length(filename,
+                                             create_options->u.add_cow.
+                                             backing_file,
+                                             qdict_get_try_str(qdict,
+                                                               "backing-fmt"));
+        if (backing_len >= 0 && image_len > 0 &&
+            create_options->u.add_cow.size == ROUND_UP(backing_len,
+                                                       BDRV_SECTOR_SIZE) &&
+            image_len > backing_len) {
+            create_options->u.add_cow.size = ROUND_UP(image_len,
+                                                      BDRV_SECTOR_SIZE);
+        }
+    }
 
     ret = add_cow_co_create(create_options, errp);
 

@@ -34,7 +34,10 @@ want=$(cat "$top"/patches/*.patch 2>/dev/null | sha256sum | cut -d' ' -f1)
 have=$(cat "$stamp" 2>/dev/null || true)
 if [ "$want" != "$have" ]; then
     changed=$(git diff --name-only pristine -- . ':!block/add-cow*' \
-              ':!tests/qemu-iotests/tests/add-cow*' ':!docs/specs/add-cow.txt')
+              ':!tests/qemu-iotests/tests/add-cow*' \
+              ':!tests/qemu-iotests/tests/add_cow*' \
+              ':!tests/image-fuzzer/add_cow*' \
+              ':!docs/specs/add-cow.txt' ':!docs/interop/add-cow.rst')
     if [ -n "$changed" ]; then
         # shellcheck disable=SC2086
         git checkout -q pristine -- $changed
@@ -54,7 +57,8 @@ fi
 cd "$top"
 git ls-files --cached --others --exclude-standard \
     'block/add-cow*' 'docs/specs/add-cow*' 'docs/interop/add-cow*' \
-    'tests/qemu-iotests/tests/add-cow*' | while read -r f; do
+    'tests/qemu-iotests/tests/add-cow*' 'tests/qemu-iotests/tests/add_cow*' \
+    'tests/image-fuzzer/add_cow*' | while read -r f; do
     [ -f "$f" ] || continue
     if ! cmp -s "$f" "$src/$f"; then
         mkdir -p "$(dirname "$src/$f")"
