@@ -893,7 +893,7 @@ def main():
             if sha256_file(env.path("base.raw")) != base_sha:
                 raise Failure("the base image changed")
             ok = True
-        except Failure as e:
+        except (Failure, OSError) as e:
             msg, ok = str(e), False
         finally:
             reap_children()
