@@ -1231,9 +1231,13 @@ static uint32_t add_cow_find_name_space(BDRVAddCowState *s, uint32_t size)
 }
 
 /*
- * Drop the backing file from an image: every unallocated cluster would
- * read as zeros from now on, so make the image file say so and mark the
- * whole image allocated.  Afterwards the image file alone is the disk.
+ * Before the backing file is dropped: every unallocated cluster would read
+ * zeros without it, so write zeros there in the image file (a hole where
+ * the image file supports it) and mark those clusters allocated.  Order:
+ * zeros written, image file flushed (the cache does that before it writes
+ * a set bit), bits written, .add-cow file flushed; only then may the caller
+ * set the all-allocated flag in s->header and write sector 0.
+ * Caller holds s->lock.
  */
 static int coroutine_fn GRAPH_RDLOCK
 add_cow_fill_unallocated(BlockDriverState *bs)
@@ -1243,9 +1247,12 @@ add_cow_fill_unallocated(BlockDriverState *bs)
     bool allocated;
     int ret;
 
-    if (!s->image || add_cow_all_allocated(s)) {
+    if (add_cow_all_allocated(s)) {
         return 0;
     }
+    /* Allocating writes in flight would race with the zeros */
+    reqlist_wait_all(&s->inflight, 0, s->header.virtual_size, &s->lock);
+
     while (offset < s->header.virtual_size) {
         n = add_cow_find_run(s, offset, s->header.virtual_size - offset,
                              &allocated);
@@ -1265,7 +1272,6 @@ add_cow_fill_unallocated(BlockDriverState *bs)
         }
         offset += n;
     }
-    /* Zeros flushed, then the bits, then (by the caller) the flag */
     ret = add_cow_cache_write(s->cache);
     if (ret < 0) {
         return ret;
@@ -1278,6 +1284,37 @@ add_cow_fill_unallocated(BlockDriverState *bs)
     return 0;
 }
 
+/*
+ * Change the backing file name and format (qemu-img rebase, block-stream,
+ * block-commit of the layer below).
+ *
+ * Write order, and why a crash cannot leave an unusable header:
+ *
+ *  1. The new name is written into bytes of the name area that neither
+ *     name of the header on disk uses (add_cow_find_name_space()), and the
+ *     .add-cow file is flushed.  The header on disk does not point there,
+ *     so a crash during or after this step leaves the old header with both
+ *     old names intact: the image still opens over the old backing file.
+ *  2. Only then is sector 0 (the 128-byte fixed part, which holds the name
+ *     offsets and sizes and the backing format) rewritten with one
+ *     sector-sized write and flushed.  The sector is written as a whole, so
+ *     after a crash it is either the old one (old backing file) or the new
+ *     one, which points at a name that step 1 made stable.  The name and
+ *     its format change together because both live in sector 0.
+ *
+ * The bytes of the old name are never overwritten while the header on disk
+ * still points at them: a later rebase avoids them as long as they are in
+ * use, and may reuse them once the header has moved away (the spec lets
+ * old names stay behind).
+ *
+ * Removing the backing file (@backing_file NULL, e.g. "rebase -u -b ''" or
+ * streaming down to the bottom) would make every unallocated cluster read
+ * zeros.  Instead of relying on that, the unallocated clusters are zeroed
+ * in the image file and marked allocated, and the all-allocated flag is set
+ * in the same sector-0 write that drops the name (see
+ * add_cow_fill_unallocated() for that order).  The image file alone is
+ * then the whole disk and can be used as a raw image.
+ */
 static int coroutine_fn GRAPH_RDLOCK
 add_cow_co_change_backing_file(BlockDriverState *bs, const char *backing_file,
                                const char *backing_fmt)
@@ -1294,22 +1331,24 @@ add_cow_co_change_backing_file(BlockDriverState *bs, const char *backing_file,
                      ADD_COW_MAX_NAME_SIZE);
         return -EINVAL;
     }
-    if (backing_file && (!backing_fmt ||
-                         strlen(backing_fmt) >= ADD_COW_FMT_SIZE)) {
-        error_report("add-cow needs a backing format of at most %d "
-                     "characters", ADD_COW_FMT_SIZE - 1);
+    if (len && (!backing_fmt || !backing_fmt[0] ||
+                strlen(backing_fmt) >= ADD_COW_FMT_SIZE)) {
+        error_report("add-cow needs a backing format of 1 to %d characters",
+                     ADD_COW_FMT_SIZE - 1);
         return -EINVAL;
+    }
+    if (!s->image) {
+        return -ENOTSUP;
     }
 
     qemu_co_mutex_lock(&s->lock);
-    h = s->header;
     if (len) {
         pos = add_cow_find_name_space(s, len);
         if (!pos) {
             ret = -ENOSPC;
             goto out;
         }
-        /* New name first, stable before the header points at it */
+        /* Step 1: the new name, stable before the header points at it */
         ret = bdrv_co_pwrite(bs->file, pos, len, backing_file, 0);
         if (ret < 0) {
             goto out;
@@ -1318,19 +1357,20 @@ add_cow_co_change_backing_file(BlockDriverState *bs, const char *backing_file,
         if (ret < 0) {
             goto out;
         }
-    } else if (!backing_file && bs->backing) {
-        /* Without a backing file, unallocated clusters must read zeros */
+    } else {
+        /* No backing file from now on: make the image file the disk */
         ret = add_cow_fill_unallocated(bs);
         if (ret < 0) {
             goto out;
         }
-        h.autoclear_features = s->header.autoclear_features;
     }
 
+    /* Step 2: sector 0, written whole and flushed */
+    h = s->header;
     h.backing_name_offset = pos;
     h.backing_name_size = len;
     memset(h.backing_format, 0, sizeof(h.backing_format));
-    if (backing_file) {
+    if (len) {
         pstrcpy(h.backing_format, sizeof(h.backing_format), backing_fmt);
     }
     ret = add_cow_write_header(bs, &h);
@@ -1344,6 +1384,67 @@ out:
     return ret;
 }
 
+/*
+ * Clear, on disk, every bit from cluster @first up to byte @end of the
+ * bitmap (padding bits, or bits past a shrunk bitmap), and flush.  The
+ * cache must be clean; it masks such bits anyway, so it stays valid.
+ */
+static int coroutine_fn GRAPH_RDLOCK
+add_cow_clear_bits_from(BlockDriverState *bs, uint64_t first, uint64_t end)
+{
+    BDRVAddCowState *s = bs->opaque;
+    uint64_t first_byte = first / 8;
+    uint64_t sector = QEMU_ALIGN_DOWN(first_byte, BDRV_SECTOR_SIZE);
+    uint64_t rest = sector + BDRV_SECTOR_SIZE;
+    uint8_t *buf;
+    int ret = 0;
+
+    if (sector >= end) {
+        return 0;
+    }
+    /* The sector holding bit @first keeps the bits before it */
+    buf = qemu_blockalign(bs->file->bs, BDRV_SECTOR_SIZE);
+    ret = bdrv_co_pread(bs->file, s->header.bitmap_offset + sector,
+                        BDRV_SECTOR_SIZE, buf, 0);
+    if (ret == 0) {
+        uint64_t i = first_byte - sector;
+
+        if (first % 8) {
+            buf[i++] &= (1U << (first % 8)) - 1;
+        }
+        memset(buf + i, 0, BDRV_SECTOR_SIZE - i);
+        ret = bdrv_co_pwrite(bs->file, s->header.bitmap_offset + sector,
+                             BDRV_SECTOR_SIZE, buf, 0);
+    }
+    qemu_vfree(buf);
+    if (ret == 0 && rest < end) {
+        ret = bdrv_co_pwrite_zeroes(bs->file, s->header.bitmap_offset + rest,
+                                    end - rest, 0);
+    }
+    if (ret == 0) {
+        ret = bdrv_co_flush(bs->file->bs);
+    }
+    return ret;
+}
+
+/*
+ * Resize.  The order follows the spec ("Resize"):
+ *
+ * Grow: (1) if the old last cluster is partial and allocated, zero the
+ * image file bytes between the old end and the end of that cluster (they
+ * become visible); (2) extend the image file if it is shorter than the new
+ * size (with the requested preallocation); (3) clear on disk every bit
+ * between the old and the new number of clusters, which may be stale from
+ * an earlier shrink; (4) flush both files; (5) write the header with the
+ * new size, clearing the all-allocated flag if clusters were added.  A
+ * crash before (5) leaves the old size and nothing visible changed.
+ *
+ * Shrink: (1) write and flush the header with the new size, so clusters
+ * past the new end disappear at once; (2) clear their bits on disk (now
+ * padding or past the bitmap) and flush, so that a later grow can never
+ * show them again; (3) truncate the image file.  A crash after (1) leaves
+ * at most stale padding bits, which readers ignore and which grow clears.
+ */
 static int coroutine_fn GRAPH_RDLOCK
 add_cow_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
                     PreallocMode prealloc, BdrvRequestFlags flags,
@@ -1351,7 +1452,9 @@ add_cow_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
 {
     BDRVAddCowState *s = bs->opaque;
     uint64_t old_size = s->header.virtual_size;
+    uint64_t old_bitmap_size = s->header.bitmap_size;
     uint64_t nb_clusters = DIV_ROUND_UP(offset, s->cluster_size);
+    int64_t wait_start;
     AddCowHeader h;
     int64_t image_len;
     int ret;
@@ -1365,67 +1468,74 @@ add_cow_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
                    "file");
         return -ENOTSUP;
     }
+    if (offset == old_size) {
+        return 0;
+    }
 
     qemu_co_mutex_lock(&s->lock);
+    /* Allocating writes near either end must not race with the resize */
+    wait_start = QEMU_ALIGN_DOWN(MIN(offset, old_size), s->cluster_size);
+    reqlist_wait_all(&s->inflight, wait_start,
+                     ROUND_UP(MAX(offset, old_size), s->cluster_size) -
+                     wait_start, &s->lock);
+
+    image_len = bdrv_co_getlength(s->image->bs);
+    if (image_len < 0) {
+        ret = image_len;
+        error_setg_errno(errp, -ret, "Could not get the image file size");
+        goto out;
+    }
     h = s->header;
     h.virtual_size = offset;
     h.bitmap_size = add_cow_bitmap_size(nb_clusters);
 
-    if (offset >= old_size) {
-        /*
-         * Grow: image file first, then zero the new bitmap range, then the
-         * header.  A crash before the header leaves the old size.
-         */
-        image_len = bdrv_co_getlength(s->image->bs);
-        if (image_len < 0) {
-            ret = image_len;
-            error_setg_errno(errp, -ret, "Could not get the image file size");
-            goto out;
-        }
-        if (image_len < offset) {
-            ret = bdrv_co_truncate(s->image, offset, false, prealloc, 0,
-                                   errp);
-            if (ret < 0) {
-                goto out;
-            }
-        } else if (!QEMU_IS_ALIGNED(old_size, s->cluster_size)) {
-            /* Stale image bytes past the old end of the last cluster */
-            int64_t zend = MIN(ROUND_UP(old_size, s->cluster_size), offset);
+    if (offset > old_size) {
+        /* (1) stale bytes in the allocated partial last cluster */
+        if (!QEMU_IS_ALIGNED(old_size, s->cluster_size)) {
+            int64_t zend = MIN(MIN(ROUND_UP(old_size, s->cluster_size),
+                                   offset), image_len);
+            bool allocated;
+            int64_t n = add_cow_find_run(s, old_size - 1, 1, &allocated);
 
-            ret = bdrv_co_pwrite_zeroes(s->image, old_size, zend - old_size,
-                                        0);
+            ret = n < 0 ? n : 0;
+            if (ret == 0 && allocated && zend > old_size) {
+                ret = bdrv_co_pwrite_zeroes(s->image, old_size,
+                                            zend - old_size, 0);
+            }
             if (ret < 0) {
                 error_setg_errno(errp, -ret, "Could not clear the image "
                                  "file past the old end");
                 goto out;
             }
         }
+        /* (2) */
+        if (image_len < offset) {
+            ret = bdrv_co_truncate(s->image, offset, false, prealloc, 0,
+                                   errp);
+            if (ret < 0) {
+                goto out;
+            }
+        }
+        /* (3) the cache writes the boundary entry and zeroes the rest */
         ret = add_cow_cache_resize(s->cache, nb_clusters);
         if (ret < 0) {
             error_setg_errno(errp, -ret, "Could not extend the bitmap");
             goto out;
         }
+        /* (4) */
+        ret = bdrv_co_flush(s->image->bs);
+        if (ret == 0) {
+            ret = bdrv_co_flush(bs->file->bs);
+        }
+        if (ret < 0) {
+            error_setg_errno(errp, -ret, "Could not flush before the header "
+                             "update");
+            goto out;
+        }
+        /* (5) */
         if (nb_clusters > s->nb_clusters) {
             h.autoclear_features &= ~ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
         }
-        ret = bdrv_co_flush(bs->file->bs);
-        if (ret == 0 && s->image) {
-            ret = bdrv_co_flush(s->image->bs);
-        }
-        if (ret == 0) {
-            ret = add_cow_write_header(bs, &h);
-        }
-        if (ret < 0) {
-            error_setg_errno(errp, -ret, "Could not write the add-cow header");
-            goto out;
-        }
-        s->header = h;
-        add_cow_set_geometry(s);
-    } else {
-        /*
-         * Shrink: header first, so clusters past the new end vanish at
-         * once; their bits and data are cleaned up afterwards.
-         */
         ret = add_cow_write_header(bs, &h);
         if (ret < 0) {
             error_setg_errno(errp, -ret, "Could not write the add-cow header");
@@ -1433,18 +1543,34 @@ add_cow_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
         }
         s->header = h;
         add_cow_set_geometry(s);
+    } else {
+        /* (1) */
+        ret = add_cow_write_header(bs, &h);
+        if (ret < 0) {
+            error_setg_errno(errp, -ret, "Could not write the add-cow header");
+            goto out;
+        }
+        s->header = h;
+        add_cow_set_geometry(s);
+        /* (2) cached entries first, then whatever is only on disk */
         ret = add_cow_cache_resize(s->cache, nb_clusters);
         if (ret == 0) {
             ret = add_cow_cache_write(s->cache);
+        }
+        if (ret == 0) {
+            ret = add_cow_clear_bits_from(bs, nb_clusters, old_bitmap_size);
         }
         if (ret < 0) {
             error_setg_errno(errp, -ret, "Could not clear bits past the end");
             goto out;
         }
-        ret = bdrv_co_truncate(s->image, offset, false, PREALLOC_MODE_OFF, 0,
-                               errp);
-        if (ret < 0) {
-            goto out;
+        /* (3) */
+        if (image_len > offset) {
+            ret = bdrv_co_truncate(s->image, offset, false,
+                                   PREALLOC_MODE_OFF, 0, errp);
+            if (ret < 0) {
+                goto out;
+            }
         }
     }
     ret = 0;
@@ -1578,43 +1704,6 @@ add_cow_scan_bitmap(BlockDriverState *bs, AddCowBitmapScan *sc)
     return ret;
 }
 
-/* Clear every padding bit of the bitmap on disk */
-static int coroutine_fn GRAPH_RDLOCK
-add_cow_clear_padding(BlockDriverState *bs)
-{
-    BDRVAddCowState *s = bs->opaque;
-    uint64_t first_byte = s->nb_clusters / 8;
-    uint64_t sector = QEMU_ALIGN_DOWN(first_byte, BDRV_SECTOR_SIZE);
-    uint64_t rest = sector + BDRV_SECTOR_SIZE;
-    uint8_t *buf;
-    int ret;
-
-    /* The sector holding the first padding bit keeps its meaningful bits */
-    buf = qemu_blockalign(bs->file->bs, BDRV_SECTOR_SIZE);
-    ret = bdrv_co_pread(bs->file, s->header.bitmap_offset + sector,
-                        BDRV_SECTOR_SIZE, buf, 0);
-    if (ret == 0) {
-        uint64_t i = first_byte - sector;
-
-        if (s->nb_clusters % 8) {
-            buf[i++] &= (1U << (s->nb_clusters % 8)) - 1;
-        }
-        memset(buf + i, 0, BDRV_SECTOR_SIZE - i);
-        ret = bdrv_co_pwrite(bs->file, s->header.bitmap_offset + sector,
-                             BDRV_SECTOR_SIZE, buf, 0);
-    }
-    qemu_vfree(buf);
-    if (ret == 0 && rest < s->header.bitmap_size) {
-        ret = bdrv_co_pwrite_zeroes(bs->file, s->header.bitmap_offset + rest,
-                                    s->header.bitmap_size - rest, 0);
-    }
-    if (ret == 0) {
-        ret = bdrv_co_flush(bs->file->bs);
-    }
-    /* The cache was clean and masks padding bits: it stays valid */
-    return ret;
-}
-
 /*
  * qemu-img check.  The header was validated by open (an image that breaks a
  * field rule does not open at all), and open also found the image file and
@@ -1667,7 +1756,8 @@ add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
                 "\n", repair ? "Repairing" : "ERROR", sc.pad_set,
                 s->nb_clusters ? s->nb_clusters - 1 : 0, sc.first_pad);
         if (repair) {
-            ret = add_cow_clear_padding(bs);
+            ret = add_cow_clear_bits_from(bs, s->nb_clusters,
+                                          s->header.bitmap_size);
             if (ret < 0) {
                 fprintf(stderr, "ERROR cannot clear the padding bits: %s\n",
                         strerror(-ret));
@@ -1709,7 +1799,7 @@ add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
     alloc_end = add_cow_all_allocated(s) ? s->header.virtual_size :
                 MIN(sc.alloc_end << s->header.cluster_bits,
                     s->header.virtual_size);
-    image_len = bdrv_co_getlength(s->image->bs);
+    image_len = s->image ? bdrv_co_getlength(s->image->bs) : INT64_MAX;
     if (image_len < 0) {
         ret = image_len;
         fprintf(stderr, "ERROR cannot get the image file length: %s\n",
