@@ -1,0 +1,67 @@
+#!/bin/bash
+# SPDX-License-Identifier: GPL-2.0-or-later
+#
+# Build qemu-img/qemu-io/qemu-nbd with AddressSanitizer and
+# UndefinedBehaviorSanitizer in a separate build directory
+# (.build/build-asan, same source tree .build/qemu) and run the add-cow
+# iotests group against it.  Used by "make check-asan".
+#
+# Usage: scripts/check-asan.sh [--build-only] [iotest names...]
+# Environment: ASAN_BUILD_DIR (default .build/build-asan), NICE (default 10).
+
+set -euo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+src=${QEMU_SRC:-$top/.build/qemu}
+build=${ASAN_BUILD_DIR:-$top/.build/build-asan}
+nice=${NICE:-10}
+
+build_only=
+if [ "${1:-}" = "--build-only" ]; then
+    build_only=1
+    shift
+fi
+
+"$top/scripts/install-deps.sh"
+
+# Share the overlay/patch step (and its lock) with scripts/build.sh.
+mkdir -p "$top/.build"
+(
+    exec 9>"$top/.build/.build-lock"
+    flock 9
+    "$top/scripts/prepare-tree.sh"
+)
+
+if [ ! -f "$build/build.ninja" ]; then
+    mkdir -p "$build"
+    cc=cc
+    if command -v ccache >/dev/null 2>&1; then
+        cc="ccache cc"
+    fi
+    (cd "$build" && nice -n "$nice" "$src/configure" --python=/usr/bin/python3 \
+        --cc="$cc" --target-list=x86_64-softmmu --enable-tools \
+        --disable-docs --disable-rust --disable-install-blobs \
+        --enable-asan --enable-ubsan >configure.log 2>&1) || {
+        tail -30 "$build/configure.log" >&2
+        echo "check-asan: configure failed; see $build/configure.log" >&2
+        exit 1
+    }
+fi
+
+TARGETS="qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon"
+nice -n "$nice" ninja --quiet -C "$build" $TARGETS
+for t in $TARGETS; do
+    [ -x "$build/$t" ] || { echo "check-asan: $t was not built" >&2; exit 1; }
+done
+[ -n "$build_only" ] && exit 0
+
+# Any sanitizer report is fatal and shows up in the test output (which
+# then differs from the reference output).
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:print_summary=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+
+cd "$build/tests/qemu-iotests"
+if [ $# -gt 0 ]; then
+    exec ./check -add-cow "$@"
+fi
+exec ./check -add-cow -g add-cow
