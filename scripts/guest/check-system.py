@@ -186,7 +186,7 @@ class Env:
         """The guest disk as QEMU reads it (qemu-img convert).  For add-cow
         with a local raw backing file, the independent reader written from
         the spec (tests/qemu-iotests/tests/add_cow_reader.py) must produce
-        the same bytes."""
+        the same bytes, and its --check must find the image consistent."""
         fmt = fmt or self.fmt
         self.run([self.qemu_img, "convert", "-f", fmt, "-O", "raw",
                   image, out])
@@ -194,7 +194,7 @@ class Env:
             data = f.read()
         if fmt == "add-cow" and os.path.exists(READER):
             alt = out + ".reader"
-            cmd = [sys.executable, READER, image, "--dump", alt]
+            cmd = [sys.executable, READER, image, "--check", "--dump", alt]
             if backing_raw:
                 cmd += ["--backing-raw", backing_raw]
             self.run(cmd)
