@@ -1,0 +1,49 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+#
+# add-cow: a copy-on-write image format for QEMU, built as a patch over
+# QEMU 10.2.2 (Debian's 1:10.2.2+ds-1 source package).
+
+.PHONY: all build demo check check-generic check-qcow2-quick check-system \
+        check-asan check-crash bench series clean distclean
+
+all: build
+
+build:
+	@scripts/build.sh
+
+# Set-up, then create an add-cow overlay, write through it, show the result
+demo: build
+	@scripts/demo.sh
+
+# Every add-cow iotest plus QEMU's generic quick group under -add-cow
+check: build
+	@scripts/run-iotests.sh "add-cow:-g add-cow" "add-cow:-g quick"
+
+# The whole generic iotests set under -add-cow (long)
+check-generic: build
+	@scripts/run-iotests.sh "add-cow:"
+
+# The pristine baseline: QEMU's quick group with qcow2
+check-qcow2-quick: build
+	@scripts/run-iotests.sh "qcow2:-g quick"
+
+# A real Linux guest on add-cow disks (boot, crash, stream, NBD backing)
+check-system: build
+	@scripts/guest/check-system.sh
+
+# The add-cow iotests against an ASan+UBSan build
+check-asan:
+	@scripts/check-asan.sh
+
+bench: build
+	@python3 scripts/bench.py
+
+# The change as a git format-patch series against pristine QEMU 10.2.2
+series: build
+	@scripts/make-series.sh
+
+clean:
+	rm -rf .build/build .build/demo .build/iotests-logs
+
+distclean:
+	rm -rf .build .cache out

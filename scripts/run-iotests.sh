@@ -1,0 +1,63 @@
+#!/bin/bash
+# SPDX-License-Identifier: GPL-2.0-or-later
+#
+# Run qemu-iotests against the add-cow build and print one closing line:
+#   N passed, N failed[, N skipped]
+#
+# Usage: run-iotests.sh [SELECTION...]
+# Each SELECTION is "FMT:ARGS", run as `./check -FMT ARGS`; the default is
+# the add-cow group plus QEMU's generic quick group, both under -add-cow.
+# Exit status is non-zero if any test failed.
+
+set -uo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+build=${BUILD_DIR:-$top/.build/build}
+dir=$build/tests/qemu-iotests
+logdir=$top/.build/iotests-logs
+mkdir -p "$logdir"
+
+if [ $# -eq 0 ]; then
+    set -- "add-cow:-g add-cow" "add-cow:-g quick"
+fi
+
+pass=0
+fail=0
+skip=0
+failed_names=
+for sel in "$@"; do
+    fmt=${sel%%:*}
+    args=${sel#*:}
+    log=$logdir/$(echo "$fmt $args" | tr -c 'a-zA-Z0-9\n' '_').log
+    echo "== ./check -$fmt $args"
+    # shellcheck disable=SC2086
+    (cd "$dir" && ./check -tap -$fmt $args) >"$log" 2>"$log.diff"
+    p=$(grep '^ok ' "$log" | grep -vc '# SKIP$' || true)
+    s=$(grep -c '^ok .*# SKIP$' "$log" || true)
+    f=$(grep -c '^not ok ' "$log" || true)
+    if ! grep -q '^1\.\.[0-9]' "$log"; then
+        echo "run-iotests: ./check -$fmt $args did not run (see $log)"
+        tail -5 "$log" "$log.diff"
+        f=$((f + 1))
+    fi
+    grep -E '^(not )?ok ' "$log" | grep -v '# SKIP$' | sed 's/^/   /'
+    if [ "$f" -gt 0 ]; then
+        failed_names="$failed_names $(grep '^not ok ' "$log" |
+                                       awk '{print $4}' | tr '\n' ' ')"
+        sed -n '1,200p' "$log.diff"
+    fi
+    echo "   ($p passed, $f failed, $s skipped; log: $log)"
+    pass=$((pass + p))
+    fail=$((fail + f))
+    skip=$((skip + s))
+done
+
+if [ -n "$failed_names" ]; then
+    echo "Failed tests:$failed_names"
+fi
+if [ "$skip" -gt 0 ]; then
+    echo "$pass passed, $fail failed, $skip skipped"
+else
+    echo "$pass passed, $fail failed"
+fi
+[ "$fail" -eq 0 ]
