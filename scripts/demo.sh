@@ -18,7 +18,7 @@ mkdir -p "$dir"
 cd "$dir"
 
 step() {
-    printf '\n$ %s\n' "$*"
+    printf '\n$'; printf ' %q' "$@"; printf '\n'
     "$@"
 }
 
