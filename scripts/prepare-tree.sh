@@ -38,6 +38,15 @@ if [ "$want" != "$have" ]; then
               ':!tests/qemu-iotests/tests/add_cow*' \
               ':!tests/image-fuzzer/add_cow*' \
               ':!docs/specs/add-cow.txt' ':!docs/interop/add-cow.rst')
+    # Keep a copy of every patched file: a file whose patched content comes
+    # out the same gets its old mtime back, so that changing one patch does
+    # not make ninja reconfigure or rebuild for the files of the others.
+    keep=$(mktemp -d)
+    trap 'rm -rf "$keep"' EXIT
+    for f in $changed; do
+        mkdir -p "$keep/$(dirname "$f")"
+        cp -p "$f" "$keep/$f"
+    done
     if [ -n "$changed" ]; then
         # shellcheck disable=SC2086
         git checkout -q pristine -- $changed
@@ -48,6 +57,11 @@ if [ "$want" != "$have" ]; then
             echo "prepare-tree: $(basename "$p") does not apply to QEMU 10.2.2" >&2
             rm -f "$stamp"
             exit 1
+        fi
+    done
+    for f in $changed; do
+        if [ -f "$f" ] && cmp -s "$keep/$f" "$f"; then
+            cp -p "$keep/$f" "$f"
         fi
     done
     echo "$want" > "$stamp"
