@@ -7,7 +7,8 @@
 # iotests group against it.  Used by "make check-asan".
 #
 # Usage: scripts/check-asan.sh [--build-only] [iotest names...]
-# Environment: ASAN_BUILD_DIR (default .build/build-asan), NICE (default 10).
+# Environment: ASAN_BUILD_DIR (default .build/build-asan), NICE (default 10),
+# ASAN_SYSTEM=1 to build and use a sanitized qemu-system-x86_64 too.
 
 set -euo pipefail
 
@@ -49,6 +50,10 @@ if [ ! -f "$build/build.ninja" ]; then
 fi
 
 TARGETS="qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon"
+if [ -n "${ASAN_SYSTEM:-}" ]; then
+    TARGETS="$TARGETS qemu-system-x86_64"
+fi
+# shellcheck disable=SC2086
 nice -n "$nice" ninja --quiet -C "$build" $TARGETS
 for t in $TARGETS; do
     [ -x "$build/$t" ] || { echo "check-asan: $t was not built" >&2; exit 1; }
@@ -59,6 +64,16 @@ done
 # then differs from the reference output).
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:print_summary=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+
+# The add-cow tests run the tools; the few VM-based ones use qemu-system,
+# which takes long to build with sanitizers: unless ASAN_SYSTEM=1, use the
+# regular build's (scripts/build.sh).
+if [ -z "${ASAN_SYSTEM:-}" ] && [ -z "${QEMU_PROG:-}" ]; then
+    if [ ! -x "$top/.build/build/qemu-system-x86_64" ]; then
+        "$top/scripts/build.sh"
+    fi
+    export QEMU_PROG="$top/.build/build/qemu-system-x86_64"
+fi
 
 cd "$build/tests/qemu-iotests"
 if [ $# -gt 0 ]; then

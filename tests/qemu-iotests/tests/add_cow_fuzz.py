@@ -379,13 +379,20 @@ class Runner:
     def exec(self, cmd):
         self.execs += 1
         t0 = time.monotonic()
-        try:
-            p = subprocess.run(cmd, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, env=self.env,
-                               timeout=self.timeout, check=False,
-                               start_new_session=True)
-        except subprocess.TimeoutExpired as e:
-            return None, e.stdout or b'', e.stderr or b''
+        for attempt in range(10):
+            try:
+                p = subprocess.run(cmd, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=self.env,
+                                   timeout=self.timeout, check=False,
+                                   start_new_session=True)
+                break
+            except subprocess.TimeoutExpired as e:
+                return None, e.stdout or b'', e.stderr or b''
+            except OSError:
+                # The binary is being relinked by a concurrent build
+                if attempt == 9:
+                    raise
+                time.sleep(3)
         t = time.monotonic() - t0
         if t > self.slow_limit:
             self.slow.append((t, cmd[1] if cmd[0] == self.qemu_img
