@@ -46,7 +46,8 @@ check() {
         echo "fetch-qemu: sha256 mismatch for $f" >&2
         echo "fetch-qemu:   expected $want" >&2
         echo "fetch-qemu:   got      $got" >&2
-        echo "fetch-qemu: refusing to build from an unverified source package" >&2
+        echo "fetch-qemu: refusing to build from an unverified source package;" \
+             "remove or replace $f and retry" >&2
         return 1
     fi
 }
