@@ -203,8 +203,9 @@ class Env:
                 # Non-fatal inconsistencies (spec: "Consistency checks
                 # (informational)"): reported, not a failure.
                 for line in p.stdout.strip().splitlines():
-                    self.log("  independent reader: " + line)
-                    self.reader_warnings.append(line)
+                    if "warning:" in line:
+                        self.log("  independent reader: " + line)
+                        self.reader_warnings.append(line)
             elif p.returncode != 0:
                 raise Failure("%s exited %d:\n%s"
                               % (" ".join(cmd), p.returncode, p.stdout))
