@@ -677,6 +677,27 @@ add_cow_reopen_prepare(BDRVReopenState *state, BlockReopenQueue *queue,
     return 0;
 }
 
+/*
+ * Like bdrv_default_perms(), except that the image file (the data child)
+ * also needs WRITE whenever the parents may resize: growing writes zeros
+ * into the image file (the tail of a partial last cluster, and the new
+ * area when the backing file reaches into it), even for a parent such as
+ * block_resize that never writes itself.
+ */
+static void add_cow_child_perm(BlockDriverState *bs, BdrvChild *c,
+                               BdrvChildRole role,
+                               BlockReopenQueue *reopen_queue,
+                               uint64_t perm, uint64_t shared,
+                               uint64_t *nperm, uint64_t *nshared)
+{
+    bdrv_default_perms(bs, c, role, reopen_queue, perm, shared, nperm,
+                       nshared);
+    if (c != bs->file && (role & BDRV_CHILD_DATA) &&
+        (*nperm & BLK_PERM_RESIZE)) {
+        *nperm |= BLK_PERM_WRITE;
+    }
+}
+
 static void add_cow_refresh_limits(BlockDriverState *bs, Error **errp)
 {
     BDRVAddCowState *s = bs->opaque;
@@ -2320,7 +2341,7 @@ static BlockDriver bdrv_add_cow = {
     .bdrv_open                      = add_cow_open,
     .bdrv_close                     = add_cow_close,
     .bdrv_reopen_prepare            = add_cow_reopen_prepare,
-    .bdrv_child_perm                = bdrv_default_perms,
+    .bdrv_child_perm                = add_cow_child_perm,
     .bdrv_co_create                 = add_cow_co_create,
     .bdrv_co_create_opts            = add_cow_co_create_opts,
     .bdrv_refresh_limits            = add_cow_refresh_limits,
