@@ -43,7 +43,7 @@ series: build
 	@scripts/make-series.sh
 
 clean:
-	rm -rf .build/build .build/demo .build/iotests-logs
+	rm -rf .build/build .build/demo .build/iotests-logs .build/iotests-scratch
 
 distclean:
 	rm -rf .build .cache out

@@ -10,19 +10,31 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 build=${BUILD_DIR:-$top/.build/build}
 dir=$top/.build/demo
-img=$build/qemu-img
-io=$build/qemu-io
+# The freshly built tools come first in PATH, so the commands below read
+# as a user would type them
+export PATH=$build:$PATH
+img=qemu-img
+io=qemu-io
 
 rm -rf "$dir"
 mkdir -p "$dir"
 cd "$dir"
 
 step() {
-    printf '\n$'; printf ' %q' "$@"; printf '\n'
+    # Show the command as one would type it: arguments with blanks in quotes
+    local a
+    printf '\n$'
+    for a in "$@"; do
+        case "$a" in
+            *[!A-Za-z0-9_./=:,+-]*) printf " '%s'" "$a" ;;
+            *) printf ' %s' "$a" ;;
+        esac
+    done
+    printf '\n'
     "$@"
 }
 
-echo "== add-cow demo in $dir"
+echo "== add-cow demo in $dir (qemu-img, qemu-io: $build)"
 step "$img" create -f raw base.raw 64M
 step "$io" -f raw -c "write -P 0xb0 0 64M" base.raw
 step "$img" create -f add-cow -b base.raw -F raw overlay.add-cow

@@ -30,15 +30,37 @@ for sel in "$@"; do
     args=${sel#*:}
     log=$logdir/$(echo "$fmt $args" | tr -c 'a-zA-Z0-9\n' '_').log
     echo "== ./check -$fmt $args"
+    # A scratch directory of our own, so that a concurrent ./check by hand
+    # (default TEST_DIR) does not share image files with this run.
+    scratch=$top/.build/iotests-scratch/$$-$(basename "$log" .log)
+    rm -rf "$scratch"
+    mkdir -p "$scratch"
     # shellcheck disable=SC2086
-    (cd "$dir" && ./check -tap -$fmt $args) >"$log" 2>"$log.diff"
+    (cd "$dir" && TEST_DIR=$scratch ./check -tap -$fmt $args) \
+        >"$log" 2>"$log.diff"
+    rc=$?
+    # TAP from testrunner.py: "1..N", then per test "ok FMT NAME",
+    # "not ok FMT NAME" or "ok FMT NAME # SKIP" (not run)
+    n=$(sed -n 's/^1\.\.\([0-9][0-9]*\)$/\1/p' "$log" | head -1)
     p=$(grep '^ok ' "$log" | grep -vc '# SKIP$' || true)
     s=$(grep -c '^ok .*# SKIP$' "$log" || true)
     f=$(grep -c '^not ok ' "$log" || true)
-    if ! grep -q '^1\.\.[0-9]' "$log"; then
+    if [ -z "$n" ]; then
         echo "run-iotests: ./check -$fmt $args did not run (see $log)"
         tail -5 "$log" "$log.diff"
         f=$((f + 1))
+    elif [ $((p + s + f)) -lt "$n" ]; then
+        echo "run-iotests: ./check -$fmt $args stopped after" \
+             "$((p + s + f)) of $n tests (exit status $rc; see $log)"
+        tail -5 "$log.diff"
+        f=$((f + n - p - s - f))
+    elif [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+        echo "run-iotests: ./check -$fmt $args exited with status $rc"
+        tail -5 "$log.diff"
+        f=1
+    fi
+    if [ "$f" -eq 0 ]; then
+        rm -rf "$scratch"
     fi
     grep -E '^(not )?ok ' "$log" | grep -v '# SKIP$' | sed 's/^/   /'
     if [ "$f" -gt 0 ]; then
