@@ -381,9 +381,6 @@ add_cow_open_image(BlockDriverState *bs, QDict *options, Error **errp)
         }
         path = g_strconcat(dir, s->image_name, NULL);
     }
-    if (strcmp(s->header.image_format, "raw")) {
-        qdict_put_str(options, "image-file.driver", s->header.image_format);
-    }
 
     /* bdrv_co_open_child() does not parse json: or protocol prefixes */
     s->image = bdrv_co_open_child(path, options, "image-file", bs,
@@ -482,6 +479,16 @@ add_cow_do_open(BlockDriverState *bs, QDict *options, int flags,
     ret = add_cow_check_image_name(s->image_name, errp);
     if (ret < 0) {
         return ret;
+    }
+    /*
+     * Only raw image files, as for qcow2's data file: any other format
+     * could name further files (even this one) from inside an untrusted
+     * image.  A user who wants another driver passes an image-file node.
+     */
+    if (strcmp(s->header.image_format, "raw")) {
+        error_setg(errp, "Unsupported image file format '%s' in the add-cow "
+                   "header (only raw is supported)", s->header.image_format);
+        return -ENOTSUP;
     }
 
     if (s->header.backing_name_size) {
@@ -2005,10 +2012,10 @@ add_cow_co_create(BlockdevCreateOptions *opts, Error **errp)
         return -EINVAL;
     }
     image_fmt = ac->has_image_fmt ? BlockdevDriver_str(ac->image_fmt) : "raw";
-    if (strlen(image_fmt) >= ADD_COW_FMT_SIZE) {
-        error_setg(errp, "Image file format name '%s' is too long",
-                   image_fmt);
-        return -EINVAL;
+    if (strcmp(image_fmt, "raw")) {
+        error_setg(errp, "Unsupported add-cow image file format '%s' (only "
+                   "raw is supported)", image_fmt);
+        return -ENOTSUP;
     }
     if (ac->backing_file) {
         if (strlen(ac->backing_file) > ADD_COW_MAX_NAME_SIZE) {
@@ -2172,6 +2179,13 @@ add_cow_co_create_opts(BlockDriver *drv, const char *filename,
         goto fail;
     }
     image_fmt = g_strdup(qdict_get_try_str(qdict, "image-fmt") ?: "raw");
+    if (strcmp(image_fmt, "raw")) {
+        error_setg(errp, "Unsupported add-cow image file format '%s' (only "
+                   "raw is supported)", image_fmt);
+        ret = -ENOTSUP;
+        goto fail;
+    }
+
     image_path = path_combine(filename, image_name);
     if (!strcmp(image_path, filename)) {
         error_setg(errp, "The image file cannot be the add-cow file itself");
@@ -2192,29 +2206,15 @@ add_cow_co_create_opts(BlockDriver *drv, const char *filename,
 
     /* Never overwrite an existing image file: it may hold the guest disk */
     if (!g_file_test(image_path, G_FILE_TEST_EXISTS)) {
-        if (strcmp(image_fmt, "raw")) {
-            error_setg(errp, "Image file '%s' must exist when its format "
-                       "is not raw", image_path);
-            ret = -ENOENT;
-            goto fail;
-        }
         ret = bdrv_co_create_file(image_path, opts, false, errp);
         if (ret < 0) {
             goto fail;
         }
         image_created = true;
     }
-    if (!strcmp(image_fmt, "raw")) {
-        image_bs = bdrv_co_open(image_path, NULL, NULL,
-                                BDRV_O_RDWR | BDRV_O_RESIZE |
-                                BDRV_O_PROTOCOL, errp);
-    } else {
-        QDict *iopts = qdict_new();
-
-        qdict_put_str(iopts, "driver", image_fmt);
-        image_bs = bdrv_co_open(image_path, NULL, iopts,
-                                BDRV_O_RDWR | BDRV_O_RESIZE, errp);
-    }
+    image_bs = bdrv_co_open(image_path, NULL, NULL,
+                            BDRV_O_RDWR | BDRV_O_RESIZE | BDRV_O_PROTOCOL,
+                            errp);
     if (!image_bs) {
         ret = -EIO;
         goto fail;
