@@ -9,8 +9,9 @@
 # mkfs.ext4 -d plus a raw area of known sectors).  The guest runs the
 # scenario named on its kernel command line (scripts/guest/init) and
 # prints "GUEST-VERDICT: PASS|FAIL ..." on the serial console; the host
-# checks images with qemu-img / qemu-io / e2fsck / debugfs (no loop
-# devices, no root needed apart from what building the initramfs wants).
+# checks images with qemu-img / qemu-io / e2fsck / debugfs and the
+# independent reader tests/qemu-iotests/tests/add_cow_reader.py (no loop
+# devices; root is not needed).
 #
 # Scenarios:
 #   write    boot, verify base, write files and raw sectors (partial, full,
@@ -21,12 +22,18 @@
 #            and e2fsck are clean
 #   stream   block-stream over QMP while the guest writes; afterwards the
 #            image file alone boots as format=raw
+#   stream-crash
+#            SIGKILL in the middle of block-stream; the image is consistent,
+#            qemu-img rebase -b "" finishes the copy, the image file boots
 #   remote   the base is served by qemu-storage-daemon over NBD (UNIX
-#            socket); the overlay uses it as its backing file; boot,
-#            write, reboot with the image file behind NBD as well
+#            socket) to two VMs at once; the overlays use it as their
+#            backing file; boot, write, reboot with the image file behind
+#            NBD as well
+#
+# --quick runs write and crash (part of "make check").
 #
 # Usage: check-system.py [--quick] [--format add-cow|qcow2]
-#                        [--scenario NAME]... [--keep] [--verbose]
+#                        [--scenario NAME]... [--records N] [--keep] [-v]
 
 import argparse
 import fcntl
