@@ -21,6 +21,31 @@ if [ $# -eq 0 ]; then
     set -- "add-cow:-g add-cow" "add-cow:-g quick"
 fi
 
+# Test a snapshot of the binaries: other builds in this tree (several
+# people, one build directory) may relink them while the tests run, which
+# makes a running test fail with "Permission denied" or "Text file busy".
+# The copy is taken under scripts/build.sh's lock, so it is never half
+# linked.  qemu-system finds its firmware through the qemu-bundle link.
+bin=$top/.build/iotests-bin/$$
+rm -rf "$bin"
+mkdir -p "$bin"
+trap 'rm -rf "$bin"' EXIT
+(
+    flock 9
+    for b in qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon \
+             qemu-system-x86_64; do
+        cp "$build/$b" "$bin/" || exit 1
+    done
+) 9>"$top/.build/.build-lock" || {
+    echo "run-iotests: the binaries in $build are missing; run make build"
+    echo "0 passed, 1 failed"
+    exit 1
+}
+ln -s "$build/qemu-bundle" "$bin/qemu-bundle"
+export QEMU_PROG=$bin/qemu-system-x86_64 QEMU_IMG_PROG=$bin/qemu-img \
+       QEMU_IO_PROG=$bin/qemu-io QEMU_NBD_PROG=$bin/qemu-nbd \
+       QSD_PROG=$bin/qemu-storage-daemon
+
 pass=0
 fail=0
 skip=0
