@@ -2324,6 +2324,336 @@ static QemuOptsList add_cow_create_opts = {
     }
 };
 
+/*
+ * qemu-img measure.  An add-cow disk is two files: the .add-cow file
+ * (header and bitmap, its size known exactly) and the image file (guest
+ * data at guest offsets, so at most the virtual size, and for a converted
+ * image the clusters that hold data).  Both numbers are the sum of the two
+ * files: "required" counts the .add-cow file plus the clusters of @in_bs
+ * that hold data (everything if a backing file is named, as qcow2 does),
+ * "fully allocated" the .add-cow file plus the whole virtual size.
+ */
+static BlockMeasureInfo *add_cow_measure(QemuOpts *opts,
+                                         BlockDriverState *in_bs,
+                                         Error **errp)
+{
+    BlockMeasureInfo *info;
+    uint64_t cluster_size, virtual_size, nb_clusters, meta, required = 0;
+    bool has_backing;
+    g_autofree char *prealloc_str = NULL;
+
+    cluster_size = qemu_opt_get_size_del(opts, BLOCK_OPT_CLUSTER_SIZE,
+                                         ADD_COW_DEFAULT_CLUSTER_SIZE);
+    if (!is_power_of_2(cluster_size) ||
+        cluster_size < (1 << ADD_COW_MIN_CLUSTER_BITS) ||
+        cluster_size > (1 << ADD_COW_MAX_CLUSTER_BITS)) {
+        error_setg(errp, "add-cow cluster size must be a power of two "
+                   "between %d and %d", 1 << ADD_COW_MIN_CLUSTER_BITS,
+                   1 << ADD_COW_MAX_CLUSTER_BITS);
+        return NULL;
+    }
+    has_backing = qemu_opt_get(opts, BLOCK_OPT_BACKING_FILE) != NULL;
+    virtual_size = qemu_opt_get_size_del(opts, BLOCK_OPT_SIZE, 0);
+
+    if (in_bs) {
+        int64_t ssize = bdrv_getlength(in_bs);
+        int64_t offset, pnum = 0;
+
+        if (ssize < 0) {
+            error_setg_errno(errp, -ssize, "Unable to get image virtual_size");
+            return NULL;
+        }
+        virtual_size = ssize;
+        if (has_backing) {
+            /* The backing file may share nothing with the input */
+            required = ROUND_UP(virtual_size, cluster_size);
+        }
+        for (offset = 0; !has_backing && offset < ssize; offset += pnum) {
+            int ret = bdrv_block_status_above(in_bs, NULL, offset,
+                                              ssize - offset, &pnum, NULL,
+                                              NULL);
+
+            if (ret < 0) {
+                error_setg_errno(errp, -ret, "Unable to get block status");
+                return NULL;
+            }
+            if (ret & BDRV_BLOCK_ZERO) {
+                /* A new image without backing file reads zeros */
+            } else if ((ret & (BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED)) ==
+                       (BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED)) {
+                /* Whole clusters: an allocating write fills the rest */
+                pnum = ROUND_UP(offset + pnum, cluster_size) - offset;
+                required += offset % cluster_size + pnum;
+            }
+        }
+        required = MIN(required, ROUND_UP(virtual_size, BDRV_SECTOR_SIZE));
+    }
+    virtual_size = ROUND_UP(virtual_size, BDRV_SECTOR_SIZE);
+    if (virtual_size > BDRV_MAX_LENGTH) {
+        error_setg(errp, "add-cow image size must be at most %" PRId64
+                   " bytes", (int64_t)BDRV_MAX_LENGTH);
+        return NULL;
+    }
+
+    /* Preallocation of the image file (resize passes it on) */
+    prealloc_str = qemu_opt_get_del(opts, BLOCK_OPT_PREALLOC);
+    if (prealloc_str && (!strcmp(prealloc_str, "full") ||
+                         !strcmp(prealloc_str, "falloc"))) {
+        required = virtual_size;
+    }
+
+    nb_clusters = DIV_ROUND_UP(virtual_size, cluster_size);
+    meta = ADD_COW_DEFAULT_HEADER_SIZE + add_cow_bitmap_size(nb_clusters);
+
+    info = g_new0(BlockMeasureInfo, 1);
+    info->required = meta + required;
+    info->fully_allocated = meta + virtual_size;
+    return info;
+}
+
+/* Open @filename as @fmt read-only, to check that a name is usable */
+static int GRAPH_RDLOCK
+add_cow_try_open(const char *filename, const char *fmt, int64_t *len,
+                 Error **errp)
+{
+    BlockDriverState *tbs;
+    QDict *opts = qdict_new();
+
+    qdict_put_str(opts, "driver", fmt);
+    tbs = bdrv_open(filename, NULL, opts, BDRV_O_NO_BACKING, errp);
+    if (!tbs) {
+        return -EINVAL;
+    }
+    if (len) {
+        *len = bdrv_getlength(tbs);
+    }
+    bdrv_unref(tbs);
+    return 0;
+}
+
+/* Resolve @name like the header's names: relative to the .add-cow file */
+static char * GRAPH_RDLOCK
+add_cow_resolve(BlockDriverState *bs, const char *name, Error **errp)
+{
+    g_autofree char *dir = NULL;
+
+    if (path_is_absolute(name) || path_has_protocol(name)) {
+        return g_strdup(name);
+    }
+    dir = bdrv_dirname(bs->file->bs, errp);
+    if (!dir) {
+        return NULL;
+    }
+    return g_strconcat(dir, name, NULL);
+}
+
+/*
+ * qemu-img amend.  What may change is what the spec lets a writer change
+ * without touching guest data:
+ *  - backing_fmt: the format of the (existing) backing file;
+ *  - image_file: the name of the image file, which must exist already,
+ *    open as raw, and cover the virtual size (the guest data is not moved:
+ *    the user copied or renamed the file); image_fmt only accepts raw,
+ *    the one format QEMU opens from a header.
+ * The cluster size (the bitmap's geometry) cannot change; the size changes
+ * with qemu-img resize and the backing file with qemu-img rebase.
+ *
+ * A new name is written like rebase does (see
+ * add_cow_co_change_backing_file()): into unused bytes of the name area,
+ * flushed, then sector 0 rewritten in one write.  The change applies to
+ * the next open; the running node keeps the image file it has open.
+ */
+static int GRAPH_RDLOCK
+add_cow_amend_options(BlockDriverState *bs, QemuOpts *opts,
+                      BlockDriverAmendStatusCB *status_cb, void *cb_opaque,
+                      bool force, Error **errp)
+{
+    BDRVAddCowState *s = bs->opaque;
+    const char *backing_fmt = qemu_opt_get(opts, BLOCK_OPT_BACKING_FMT);
+    const char *image_file = qemu_opt_get(opts, ADD_COW_OPT_IMAGE_FILE);
+    const char *image_fmt = qemu_opt_get(opts, ADD_COW_OPT_IMAGE_FMT);
+    AddCowHeader h = s->header;
+    g_autofree char *path = NULL;
+    uint32_t pos = 0;
+    int64_t len;
+    int ret;
+
+    if (qemu_opt_get(opts, BLOCK_OPT_CLUSTER_SIZE)) {
+        error_setg(errp, "Changing the cluster size of an add-cow image is "
+                   "not supported (the bitmap has one bit per cluster); use "
+                   "qemu-img convert");
+        return -ENOTSUP;
+    }
+    if (qemu_opt_get(opts, BLOCK_OPT_SIZE)) {
+        error_setg(errp, "Use qemu-img resize to change the size of an "
+                   "add-cow image");
+        return -ENOTSUP;
+    }
+    if (qemu_opt_get(opts, BLOCK_OPT_BACKING_FILE)) {
+        error_setg(errp, "Use qemu-img rebase to change the backing file of "
+                   "an add-cow image");
+        return -ENOTSUP;
+    }
+
+    if (backing_fmt) {
+        if (!h.backing_name_size) {
+            error_setg(errp, "The image has no backing file, so it has no "
+                       "backing format to change");
+            return -EINVAL;
+        }
+        if (!backing_fmt[0] || strlen(backing_fmt) >= ADD_COW_FMT_SIZE ||
+            !bdrv_find_format(backing_fmt)) {
+            error_setg(errp, "Unknown or invalid backing format '%s'",
+                       backing_fmt);
+            return -EINVAL;
+        }
+        path = add_cow_resolve(bs, bs->backing_file, errp);
+        if (!path) {
+            return -EINVAL;
+        }
+        ret = add_cow_try_open(path, backing_fmt, NULL, errp);
+        if (ret < 0 && !force) {
+            error_prepend(errp, "The backing file does not open as %s "
+                          "(use --force to store it anyway): ", backing_fmt);
+            return ret;
+        } else if (ret < 0) {
+            error_free(*errp);
+            *errp = NULL;
+        }
+        g_free(path);
+        path = NULL;
+        memset(h.backing_format, 0, sizeof(h.backing_format));
+        pstrcpy(h.backing_format, sizeof(h.backing_format), backing_fmt);
+    }
+
+    if (image_file || image_fmt) {
+        const char *name = image_file ?: s->image_name;
+        const char *fmt = image_fmt ?: s->header.image_format;
+
+        if (!name[0] || strlen(name) > ADD_COW_MAX_NAME_SIZE) {
+            error_setg(errp, "The image file needs a name of 1 to %d bytes",
+                       ADD_COW_MAX_NAME_SIZE);
+            return -EINVAL;
+        }
+        ret = add_cow_check_image_name(name, errp);
+        if (ret < 0) {
+            return ret;
+        }
+        if (strcmp(fmt, "raw")) {
+            /* See add_cow_do_open(): no format recursion from a header */
+            error_setg(errp, "Unsupported image file format '%s' (only raw "
+                       "is supported)", fmt);
+            return -ENOTSUP;
+        }
+        path = add_cow_resolve(bs, name, errp);
+        if (!path) {
+            return -EINVAL;
+        }
+        if (!strcmp(path, bs->file->bs->filename)) {
+            error_setg(errp, "The image file cannot be the add-cow file "
+                       "itself");
+            return -EINVAL;
+        }
+        /* The guest data must already be there: never create it here */
+        ret = image_file ? add_cow_try_open(path, fmt, &len, errp) : 0;
+        if (ret < 0) {
+            error_prepend(errp, "The new image file must exist and open as "
+                          "%s: ", fmt);
+            return ret;
+        }
+        if (image_file && len < (int64_t)s->header.virtual_size && !force) {
+            error_setg(errp, "The new image file is %" PRId64 " bytes long, "
+                       "shorter than the virtual size %" PRIu64 " (use "
+                       "--force to accept that)", len,
+                       s->header.virtual_size);
+            return -EINVAL;
+        }
+        memset(h.image_format, 0, sizeof(h.image_format));
+        pstrcpy(h.image_format, sizeof(h.image_format), fmt);
+
+        if (image_file && strcmp(image_file, s->image_name)) {
+            size_t nlen = strlen(image_file);
+
+            pos = add_cow_find_name_space(s, nlen);
+            if (!pos) {
+                error_setg(errp, "No space left in the add-cow header for "
+                           "the new image file name");
+                return -ENOSPC;
+            }
+            /* New name first, stable before sector 0 points at it */
+            ret = bdrv_pwrite(bs->file, pos, nlen, image_file, 0);
+            if (ret == 0) {
+                ret = bdrv_flush(bs->file->bs);
+            }
+            if (ret < 0) {
+                error_setg_errno(errp, -ret, "Could not write the image "
+                                 "file name");
+                return ret;
+            }
+            h.image_name_offset = pos;
+            h.image_name_size = nlen;
+        }
+    }
+
+    if (!memcmp(&h, &s->header, sizeof(h))) {
+        return 0;
+    }
+    ret = add_cow_write_header(bs, &h);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Could not write the add-cow header");
+        return ret;
+    }
+    s->header = h;
+    if (pos) {
+        g_free(s->image_name);
+        s->image_name = g_strdup(image_file);
+    }
+    pstrcpy(bs->backing_format, sizeof(bs->backing_format),
+            s->header.backing_format);
+    if (status_cb) {
+        status_cb(bs, 1, 1, cb_opaque);
+    }
+    return 0;
+}
+
+static QemuOptsList add_cow_amend_opts = {
+    .name = "add-cow-amend-opts",
+    .head = QTAILQ_HEAD_INITIALIZER(add_cow_amend_opts.head),
+    .desc = {
+        {
+            .name = BLOCK_OPT_BACKING_FMT,
+            .type = QEMU_OPT_STRING,
+            .help = "Format of the backing file (the name stays)"
+        },
+        {
+            .name = ADD_COW_OPT_IMAGE_FILE,
+            .type = QEMU_OPT_STRING,
+            .help = "Name of an existing file that holds the guest data"
+        },
+        {
+            .name = ADD_COW_OPT_IMAGE_FMT,
+            .type = QEMU_OPT_STRING,
+            .help = "Format of the image file"
+        },
+        {
+            .name = BLOCK_OPT_CLUSTER_SIZE,
+            .type = QEMU_OPT_SIZE,
+            .help = "Cannot be changed (refused with an error)"
+        },
+        {
+            .name = BLOCK_OPT_SIZE,
+            .type = QEMU_OPT_SIZE,
+            .help = "Use qemu-img resize (refused with an error)"
+        },
+        {
+            .name = BLOCK_OPT_BACKING_FILE,
+            .type = QEMU_OPT_STRING,
+            .help = "Use qemu-img rebase (refused with an error)"
+        },
+        { /* end of list */ }
+    }
+};
+
 static const char *const add_cow_strong_runtime_opts[] = {
     "image-file",
     NULL
@@ -2333,6 +2663,7 @@ static BlockDriver bdrv_add_cow = {
     .format_name                    = "add-cow",
     .instance_size                  = sizeof(BDRVAddCowState),
     .create_opts                    = &add_cow_create_opts,
+    .amend_opts                     = &add_cow_amend_opts,
     .is_format                      = true,
     .supports_backing               = true,
     .strong_runtime_opts            = add_cow_strong_runtime_opts,
@@ -2361,6 +2692,8 @@ static BlockDriver bdrv_add_cow = {
     .bdrv_co_truncate               = add_cow_co_truncate,
     .bdrv_make_empty                = add_cow_make_empty,
     .bdrv_co_check                  = add_cow_co_check,
+    .bdrv_measure                   = add_cow_measure,
+    .bdrv_amend_options             = add_cow_amend_options,
     .bdrv_co_invalidate_cache       = add_cow_co_invalidate_cache,
     .bdrv_inactivate                = add_cow_inactivate,
 };
