@@ -15,9 +15,11 @@ build:
 demo: build
 	@scripts/demo.sh
 
-# Every add-cow iotest plus QEMU's generic quick group under -add-cow
+# Every add-cow iotest, QEMU's generic quick group under -add-cow, and a
+# real guest booted on add-cow (write + reboot, kill -9 crash)
 check: build
-	@scripts/run-iotests.sh "add-cow:-g add-cow" "add-cow:-g quick"
+	@scripts/run-iotests.sh "add-cow:-g add-cow" "add-cow:-g quick" \
+	    "system:--quick"
 
 # The whole generic iotests set under -add-cow (long)
 check-generic: build

@@ -9,7 +9,7 @@
 
 set -euo pipefail
 
-build=${1:?usage: link-firmware.sh BUILD_DIR}
+build=$(cd "${1:?usage: link-firmware.sh BUILD_DIR}" && pwd)
 dir=$build/qemu-bundle/usr/local/share/qemu
 mkdir -p "$dir"
 

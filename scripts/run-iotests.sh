@@ -5,8 +5,9 @@
 #   N passed, N failed[, N skipped]
 #
 # Usage: run-iotests.sh [SELECTION...]
-# Each SELECTION is "FMT:ARGS", run as `./check -FMT ARGS`; the default is
-# the add-cow group plus QEMU's generic quick group, both under -add-cow.
+# Each SELECTION is "FMT:ARGS", run as `./check -FMT ARGS`, or
+# "system:ARGS", run as `scripts/guest/check-system.sh ARGS`; the default
+# is the add-cow group plus QEMU's generic quick group, both under -add-cow.
 # Exit status is non-zero if any test failed.
 
 set -uo pipefail
@@ -53,6 +54,36 @@ failed_names=
 for sel in "$@"; do
     fmt=${sel%%:*}
     args=${sel#*:}
+    if [ "$fmt" = system ]; then
+        # The real-guest scenarios: one test per scenario
+        log=$logdir/system.log
+        echo "== scripts/guest/check-system.sh $args"
+        # shellcheck disable=SC2086
+        "$top/scripts/guest/check-system.sh" $args >"$log" 2>&1
+        rc=$?
+        grep -E '^\[[a-z-]+\].*(PASS|FAIL)' "$log" | sed 's/^/   /'
+        line=$(grep -Eo '[0-9]+/[0-9]+ scenarios passed' "$log" | tail -1)
+        if [ -n "$line" ]; then
+            p=${line%%/*}
+            t=${line#*/}
+            t=${t%% *}
+            f=$((t - p))
+        else
+            p=0
+            f=1
+        fi
+        if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+            f=1
+        fi
+        if [ "$f" -gt 0 ]; then
+            failed_names="$failed_names system"
+            tail -30 "$log"
+        fi
+        echo "   ($p passed, $f failed; log: $log)"
+        pass=$((pass + p))
+        fail=$((fail + f))
+        continue
+    fi
     log=$logdir/$(echo "$fmt $args" | tr -c 'a-zA-Z0-9\n' '_').log
     echo "== ./check -$fmt $args"
     # A scratch directory of our own, so that a concurrent ./check by hand
