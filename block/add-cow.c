@@ -1052,12 +1052,26 @@ add_cow_co_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
                                      BDRV_REQ_NO_FALLBACK));
 }
 
+/*
+ * Discard whole clusters.
+ *
+ * With a backing file (or the all-allocated flag) the bits stay: clearing
+ * them would make older backing data reappear, and the flag needs a full
+ * bitmap.  Only the image file drops the data (a hole reads zeros).
+ *
+ * Without a backing file the clusters become unallocated, following the
+ * spec's order: bits cleared and the bitmap flushed before the image file
+ * data is discarded.  The range stays registered in s->inflight until the
+ * discard is done, so that an allocating write to the same clusters waits
+ * and its data cannot fall into the hole.
+ */
 static int coroutine_fn GRAPH_RDLOCK
 add_cow_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
 {
     BDRVAddCowState *s = bs->opaque;
     int64_t end = offset + bytes;
     uint64_t first, count;
+    BlockReq req;
     int ret;
 
     if (!QEMU_IS_ALIGNED(offset, s->cluster_size) ||
@@ -1066,24 +1080,14 @@ add_cow_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
         return -ENOTSUP;
     }
     if (bs->backing || add_cow_all_allocated(s)) {
-        /*
-         * Clearing bits would make backing data reappear, and with the
-         * all-allocated flag set the bitmap must stay full: just let the
-         * image file drop the data if it can.
-         */
         return bdrv_co_pdiscard(s->image, offset, bytes);
     }
 
-    /*
-     * No backing file: the clusters become unallocated (reading zeros).
-     * The cleared bits must be stable before the data goes away, or a
-     * crash could leave a set bit over a hole that reads as zeros... which
-     * would be harmless here, but the rule is kept for uniformity.
-     */
     first = offset >> s->header.cluster_bits;
     count = DIV_ROUND_UP(bytes, s->cluster_size);
     qemu_co_mutex_lock(&s->lock);
     reqlist_wait_all(&s->inflight, offset, bytes, &s->lock);
+    reqlist_init_req(&s->inflight, &req, offset, bytes);
     ret = add_cow_cache_set(s->cache, first, count, false);
     if (ret == 0) {
         ret = add_cow_cache_write(s->cache);
@@ -1092,10 +1096,13 @@ add_cow_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
         ret = bdrv_co_flush(bs->file->bs);
     }
     qemu_co_mutex_unlock(&s->lock);
-    if (ret < 0) {
-        return ret;
+    if (ret == 0) {
+        ret = bdrv_co_pdiscard(s->image, offset, bytes);
     }
-    return bdrv_co_pdiscard(s->image, offset, bytes);
+    qemu_co_mutex_lock(&s->lock);
+    reqlist_remove_req(&req);
+    qemu_co_mutex_unlock(&s->lock);
+    return ret;
 }
 
 static int coroutine_fn GRAPH_RDLOCK add_cow_co_flush_to_os(
