@@ -61,6 +61,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import struct
@@ -481,8 +482,22 @@ class Workload:
                  backing: bool = True, base_on_nbd: bool = False,
                  break_ordering: Optional[str] = None,
                  expect_violation: bool = False,
-                 state_budget: Optional[int] = None):
+                 state_budget: Optional[int] = None,
+                 new_backing: bool = False,
+                 known_bug: Tuple[str, str] = ('', ''), grow: Optional[Dict[str, int]] = None,
+                 known_bug_match: Tuple[str, ...] = ()):
+        # regular expressions; empty: any violation is the known one
+        # only violations whose description contains this are known
+        self.known_bug_match = known_bug_match
         self.name = name
+        # Exports advertised larger than their file, so that they can grow
+        self.grow = grow
+        # A violation the driver is known to have (reported, not yet
+        # fixed): reported as KNOWN BUG without failing the run; once the
+        # driver is fixed, the line turns into "ok" and the reference
+        # output must be updated, so the fix is noticed.
+        self.known_bug = known_bug
+        self.new_backing = new_backing
         self.state_budget = state_budget
         self.fmt = fmt
         self.steps = steps
@@ -604,6 +619,8 @@ class QemuIO:
         self.proc.stdin.close()
         self.proc.wait(60)
         self.reader.join(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
         return self.out.decode(errors='replace')
 
 
@@ -647,6 +664,13 @@ class Checker:
             if wl.base_on_nbd:
                 bname = f'nbd+unix:///base?socket={sock}'
         fmt.create(self.qemu_img, wdir, bname)
+        if wl.new_backing:
+            # differs from base.raw in every other sector
+            new = bytearray(backing_pattern(size))
+            for off in range(0, size, 2 * SECTOR):
+                new[off:off + 4] = b'NEWB'
+            with open(os.path.join(wdir, 'new.raw'), 'wb') as f:
+                f.write(new)
 
         if fmt.stale_prefill:
             path = os.path.join(wdir, fmt.data_name)
@@ -665,7 +689,9 @@ class Checker:
         initial_files = {e: read_file(p) for e, p in files.items()}
         initial_guest = self.guest_content_of(wdir, fmt, wl.base_on_nbd)
 
-        server = RecordingNBDServer(sock, files, fmt.grow)
+        server = RecordingNBDServer(sock, files,
+                                    wl.grow if wl.grow is not None
+                                    else fmt.grow)
         ops: List[GuestOp] = []
         try:
             for step in wl.steps:
@@ -692,16 +718,26 @@ class Checker:
         opts.update(step.opts)
         filename = 'json:' + json.dumps(opts)
         if step.kind == 'img':
-            op = GuestOp('flush')
-            op.issue = server.position()
-            args = [a.replace('@IMG@', filename) for a in step.args]
+            start = server.position()
+            wdir = os.path.dirname(backing_path or self.workdir)
+            args = [a.replace('@IMG@', filename).replace('@WDIR@', wdir)
+                    for a in step.args]
             p = subprocess.run(self.qemu_img + args, cwd=os.path.dirname(
                 backing_path or self.workdir), stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, check=False)
             if p.returncode != 0:
                 raise RuntimeError(f'qemu-img {" ".join(args)} failed: ' +
                                    p.stdout.decode(errors='replace'))
-            op.ack = server.position()
+            done = server.position()
+            if args[0] == 'resize':
+                # the guest disk takes the new size; what lies past a
+                # shrunk end reads zeros when the disk grows again
+                rs = GuestOp('resize', parse_size(args[-1]))
+                rs.issue, rs.ack = start, done
+                ops.append(rs)
+            # qemu-img flushed the image when it closed it, before exiting
+            op = GuestOp('flush')
+            op.issue = op.ack = done
             ops.append(op)
             return
 
@@ -779,8 +815,10 @@ class Checker:
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            check=False, cwd=sdir)
         if p.returncode not in (0, 3):
+            lines = p.stdout.decode(errors='replace').strip().splitlines()
+            errs = [ln for ln in lines if 'ERROR' in ln] or lines[:1]
             return (f'qemu-img check exit {p.returncode}: ' +
-                    p.stdout.decode(errors='replace').strip(), None)
+                    '; '.join(errs[:3]), None)
         p = subprocess.run(self.qemu_img + ['convert', '-O', 'raw'] + img +
                            ['guest.raw'],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -934,18 +972,40 @@ class Checker:
 
         latest = [vals[-1] for _, vals in ch]
         n = len(ch)
+        # The request that last wrote each sector
+        owner: Dict[Tuple[str, int], int] = {}
+        for e, ws in pending.items():
+            for w in ws:
+                for i in range(0, len(w.data), SECTOR):
+                    owner[(e, (w.offset + i) // SECTOR)] = w.seq
+        reqs: Dict[int, List[int]] = {}
+        for i, (es, _) in enumerate(ch):
+            reqs.setdefault(owner[es], []).append(i)
         structured: List[list] = [[None] * n, latest]
         # each file alone
         for e in pending:
             structured.append([v if c[0][0] == e else None
                                for c, v in zip(ch, latest)])
-        # everything but one sector / nothing but one sector
-        for i in range(n):
+        # everything but one request / nothing but one request
+        for idxs in reqs.values():
+            sel = list(latest)
+            only: list = [None] * n
+            for i in idxs:
+                sel[i] = None
+                only[i] = latest[i]
+            structured += [sel, only]
+        # everything but one sector / nothing but one sector, for a few
+        # sectors (the first and last of each request, some random ones)
+        picks = set()
+        for idxs in reqs.values():
+            picks.update((idxs[0], idxs[-1]))
+        picks.update(rng.sample(range(n), min(n, self.samples)))
+        for i in sorted(picks)[:4 * self.samples]:
             structured.append(latest[:i] + [None] + latest[i + 1:])
             structured.append([None] * i + [latest[i]] + [None] * (n - i - 1))
         randoms = []
         for _ in range(self.samples):
-            sel: list = []
+            sel = []
             p = rng.random()
             for _, vals in ch:
                 sel.append(rng.choice(vals) if rng.random() < p else None)
@@ -1051,10 +1111,17 @@ class GuestModel:
     def __init__(self, ops: List[GuestOp], initial: bytes, backing: bytes,
                  size: int):
         self.ops = ops
-        self.initial = initial
+        self.orig_size = size
+        size = max([size] + [o.offset for o in ops if o.kind == 'resize'])
         self.size = size
+        # Past the original end the disk reads zeros once grown
+        self.initial = initial + bytes(size - len(initial))
         backing = backing[:size]
         self.backing = backing + bytes(size - len(backing))
+        self.resizes = [o for o in ops if o.kind == 'resize']
+        # A shrink acts as a zero write of everything past the new end
+        for o in self.resizes:
+            o.length = size - o.offset
         self.writes = [o for o in ops if o.kind != 'flush']
         self.flushes = [o for o in ops if o.kind == 'flush']
         touched = set()
@@ -1065,10 +1132,18 @@ class GuestModel:
         self.touched = sorted(touched)
         self.cache: Dict[int, Dict[int, set]] = {}
 
+    def sizes(self, k: int) -> set:
+        dur = [w for w in self.durable_writes(k) if w.kind == 'resize']
+        out = {dur[-1].offset if dur else self.orig_size}
+        for w in self.resizes:
+            if w.issue < k and w not in dur:
+                out.add(w.offset)
+        return out
+
     def _value(self, w: GuestOp, s: int) -> List[bytes]:
         if w.kind == 'write':
             return [bytes([w.pattern]) * SECTOR]
-        if w.kind == 'zero':
+        if w.kind in ('zero', 'resize'):
             return [bytes(SECTOR)]
         # discard: zeros or the backing data (or unchanged)
         return [bytes(SECTOR), self.backing[s * SECTOR:(s + 1) * SECTOR]]
@@ -1122,15 +1197,18 @@ class GuestModel:
         return allowed
 
     def check(self, k: int, guest: Optional[bytes]) -> Optional[str]:
-        if guest is None or len(guest) != self.size:
-            return f'guest size {len(guest or b"")} != {self.size}'
-        allowed = self.allowed(k)
+        sizes = self.sizes(k)
+        if guest is None or len(guest) not in sizes:
+            return (f'guest size {len(guest or b"")} not in '
+                    f'{sorted(sizes)}')
+        nsec = len(guest) // SECTOR
+        allowed = {s: v for s, v in self.allowed(k).items() if s < nsec}
         bad = []
         # untouched ranges must read their initial content
         g = memoryview(guest)
         ini = memoryview(self.initial)
         prev_end = 0
-        for s in self.touched + [self.size // SECTOR]:
+        for s in [t for t in self.touched if t < nsec] + [nsec]:
             lo = prev_end * SECTOR
             hi = s * SECTOR
             if hi > lo and g[lo:hi] != ini[lo:hi]:
@@ -1253,8 +1331,26 @@ class Patterns:
         return f'-P {0x10 + (self.n * 7) % 0xe0:#x}'
 
 
+KNOWN_BUG_REBASE = ('rebase-header-before-bits',
+    'bdrv_co_change_backing_file switches the header to the new backing '
+    'file before the data copied by rebase is flushed and its bits are '
+    'written: a crash reads the new backing file in those clusters')
+
+KNOWN_BUG_SHRINK = ('resize-check-and-grow-zeroing',
+    'qemu-img check reports the bits past the end that a shrink leaves '
+    'between its header write and its bit clearing as corruption (exit 2); '
+    'the spec allows them (a grow clears them), so check should not; and '
+    'a grow writes the header with the new size before the block layer '
+    'zeroes the new area (BDRV_REQ_ZERO_WRITE not handled in the driver), '
+    'so a crash in between shows backing data past the old end')
+
+# In the quick run (make check), the largest cluster size only runs these
+QUICK_LARGE = ('partial-alloc-c', 'concurrent-c', 'commit-c', 'resize-c',
+               'negative-skip-image-flush-c', 'negative-bit-before-data-c')
+
+
 def workloads(fmt_name: str, cluster_sizes: List[int],
-              negative: bool = True) -> List[Workload]:
+              negative: bool = True, quick: bool = False) -> List[Workload]:
     fcls = FORMATS[fmt_name]
     out: List[Workload] = []
     for c in cluster_sizes:
@@ -1345,11 +1441,40 @@ def workloads(fmt_name: str, cluster_sizes: List[int],
             Step('img', args=['commit', '-q', '@IMG@']),
         ], base_on_nbd=True))
 
+        # Safe rebase onto a backing file that differs in some sectors:
+        # qemu-img copies the differing data into the image, then rewrites
+        # the header; the guest content must never change
+        out.append(Workload(f'rebase-c{c}', fmt(), [
+            io([f'write {p()} {c} {sec}', 'flush']),
+            Step('img', args=['rebase', '-q', '-F', 'raw', '-b',
+                              '@WDIR@/new.raw', '@IMG@']),
+        ], new_backing=True, known_bug=KNOWN_BUG_REBASE))
+
+        # Resize grow and shrink (NBD cannot resize: the files are advertised
+        # with room to grow)
+        out.append(Workload(f'resize-c{c}', fmt(), [
+            io([f'write {p()} {c} {sec}', f'write {p()} {size - sec} {sec}',
+                'flush']),
+            Step('img', args=['resize', '-q', '@IMG@', str(size + 4 * c)]),
+            Step('img', args=['resize', '-q', '--shrink', '@IMG@',
+                              str(size - 2 * c)]),
+            Step('img', args=['resize', '-q', '@IMG@', str(size)]),
+        ], grow={'meta': 1 << 20, 'image': 2 * size},
+            known_bug=KNOWN_BUG_SHRINK,
+            known_bug_match=(r'check exit 2: ERROR .*bit.* past the ',
+                             'reads backing data, flushed content is '
+                             'backing/initial data')))
+
         if negative and fmt_name == 'add-cow':
-            for mode in ('skip-image-flush', 'bit-before-data'):
+            for mode in ('skip-image-flush', 'bit-before-data',
+                         'flush-metadata'):
                 out.append(Workload(f'negative-{mode}-c{c}', fmt(),
                                     [io(partial)], break_ordering=mode,
                                     expect_violation=True))
+    if quick and len(cluster_sizes) > 1:
+        big = f'-c{max(cluster_sizes)}'
+        out = [w for w in out if not w.name.endswith(big) or
+               any(w.name.startswith(q) for q in QUICK_LARGE)]
     return out
 
 
@@ -1385,6 +1510,14 @@ def run_all(wls: List[Workload], checker: Checker, log=print,
                 log(f'{wl.name}: FAIL: negative control found no '
                     f'violating crash state')
                 ok = False
+        elif wl.known_bug[0] and res.violations and \
+                all(any(re.search(m, v[2]) for m in wl.known_bug_match)
+                    or not wl.known_bug_match for v in res.violations):
+            tag, desc = wl.known_bug
+            log(f'{wl.name}: KNOWN BUG reproduced: {tag}')
+            figures(f'  {desc}')
+            k, where, why = res.violations[0]
+            figures(f'  e.g. at log position {k}, {where}: {why}')
         else:
             if res.violations:
                 ok = False
@@ -1407,7 +1540,7 @@ def default_checker(workdir: str, qemu_img: List[str], qemu_io: List[str],
                    samples=env_int('ADD_COW_CRASH_SAMPLES',
                                    64 if long else 8),
                    max_states=env_int('ADD_COW_CRASH_MAX_STATES',
-                                      20000 if long else 150),
+                                      20000 if long else 48),
                    seed=env_int('ADD_COW_CRASH_SEED', 1))
 
 
@@ -1425,17 +1558,22 @@ def main() -> int:
         '../../../.build/build'))
     ap.add_argument('--workdir', default='')
     a = ap.parse_args()
-    qemu_img = [os.environ.get('QEMU_IMG_PROG',
-                               os.path.join(a.build, 'qemu-img'))]
-    qemu_io = [os.environ.get('QEMU_IO_PROG',
-                              os.path.join(a.build, 'qemu-io'))]
     import tempfile
     workdir = a.workdir or tempfile.mkdtemp(prefix='add-cow-crash.')
     os.makedirs(workdir, exist_ok=True)
+    # Private copies: a concurrent rebuild must not swap the tools mid-run
+    tools = []
+    for var, prog in (('QEMU_IMG_PROG', 'qemu-img'), ('QEMU_IO_PROG',
+                                                      'qemu-io')):
+        src = os.environ.get(var, os.path.join(a.build, prog))
+        dst = os.path.join(workdir, prog)
+        shutil.copy2(src, dst)
+        tools.append([dst])
+    qemu_img, qemu_io = tools
     checker = default_checker(workdir, qemu_img, qemu_io, a.long)
     wls = [w for w in workloads(a.format,
                                 [int(x) for x in a.cluster_sizes.split(',')],
-                                not a.no_negative)
+                                not a.no_negative, quick=not a.long)
            if a.only in w.name]
     t0 = time.monotonic()
     ok = run_all(wls, checker)
