@@ -419,7 +419,8 @@ class Qcow2DataFileFormat(Format):
 
 
 class SingleFileFormat(Format):
-    """qcow2 or qed in one file: a control that must pass"""
+    """qcow2 in one file: a control that must pass.  (qed would not do: it
+    allocates at the end of its file, and an NBD export cannot grow.)"""
     data_name = ''
     grow = {'meta': 64 << 20}
 
@@ -438,13 +439,8 @@ class Qcow2Format(SingleFileFormat):
     meta_name = 't.qcow2'
 
 
-class QedFormat(SingleFileFormat):
-    name = 'qed'
-    meta_name = 't.qed'
-
-
 FORMATS = {'add-cow': AddCowFormat, 'qcow2-datafile': Qcow2DataFileFormat,
-           'qcow2': Qcow2Format, 'qed': QedFormat}
+           'qcow2': Qcow2Format}
 
 
 # ---------------------------------------------------------------------------
