@@ -62,13 +62,18 @@ done
 
 # Sanitizer output goes to log files, not stderr: ASan warns on stderr
 # about swapcontext (coroutines) in every process, which would break every
-# reference output.  Any report is fatal for the process (abort_on_error,
-# halt_on_error) and is listed after the run, which then fails.
+# reference output.  The iotests runner sets ASAN_OPTIONS itself
+# (detect_leaks=0, log_path=TEST_DIR/<test>.out.asan, removed when the test
+# passes); ASan errors are fatal anyway.  UBSan reports are made fatal
+# (abort) and logged here.  Every report found is listed after the run,
+# which then fails.
 logs="$build/sanitizer-logs"
+scratch="$build/tests/qemu-iotests/scratch"
 rm -rf "$logs"
 mkdir -p "$logs"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:print_summary=1:log_path=$logs/asan}
-export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1:log_path=$logs/ubsan}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1:abort_on_error=1:log_path=$logs/ubsan}
+find "$scratch" -name '*.out.asan*' -delete 2>/dev/null || true
 
 # The add-cow tests run the tools; the few VM-based ones use qemu-system,
 # which takes long to build with sanitizers: unless ASAN_SYSTEM=1, use the
@@ -88,9 +93,12 @@ else
     ./check -add-cow -g add-cow || status=$?
 fi
 
-reports=$(grep -lE 'ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:' \
-          "$logs"/* 2>/dev/null || true)
-nlogs=$(find "$logs" -type f | wc -l)
+reports=$( (find "$logs" -type f; find "$scratch" -name '*.out.asan*') |
+          xargs -r grep -lE \
+              'ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:' \
+              2>/dev/null || true)
+nlogs=$( (find "$logs" -type f; find "$scratch" -name '*.out.asan*') |
+        wc -l)
 if [ -n "$reports" ]; then
     for f in $reports; do
         echo "=== $f"

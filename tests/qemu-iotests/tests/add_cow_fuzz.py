@@ -368,11 +368,14 @@ class Runner:
         self.slow = []          # (seconds, command) of slow executions
         self.slow_limit = timeout / 4
         env = dict(os.environ)
-        env.setdefault('ASAN_OPTIONS',
-                       'detect_leaks=1:abort_on_error=1:'
-                       'max_allocation_size_mb=2048:'
-                       'allocator_may_return_null=0')
-        env.setdefault('UBSAN_OPTIONS', 'print_stacktrace=1:halt_on_error=1')
+        # Own sanitizer settings, whatever the caller (e.g. the iotests
+        # runner, which logs ASan output to a file) set: every report must
+        # abort the process and reach its stderr, where it is looked for.
+        env['ASAN_OPTIONS'] = ('detect_leaks=1:abort_on_error=1:'
+                               'max_allocation_size_mb=2048:'
+                               'allocator_may_return_null=0')
+        env['UBSAN_OPTIONS'] = ('print_stacktrace=1:halt_on_error=1:'
+                                'abort_on_error=1')
         env['MALLOC_PERTURB_'] = '165'
         self.env = env
 
