@@ -849,6 +849,7 @@ class Checker:
         pending: Dict[str, List[LogEntry]] = {e: [] for e in initial_files}
         seen_states: Dict[bytes, Dict[Tuple[str, int], bytes]] = {}
         per_point: List[Tuple[int, List[bytes]]] = []
+        durables: List[Dict[Tuple[str, int], bytes]] = []
         for k in range(len(log) + 1):
             if k > 0:
                 e = log[k - 1]
@@ -865,6 +866,7 @@ class Checker:
                     seen_states[key] = st
                 keys.append(key)
             per_point.append((k, keys))
+            durables.append(dict(durable))
 
         # Budget: keep at most max_states distinct states, taking the
         # states of all points round-robin (structured ones come first).
@@ -918,7 +920,7 @@ class Checker:
                     problem = model.check(k, guest)
                 if problem:
                     res.violations.append((k, describe_state(
-                        seen_states[key], durable, log, k), problem))
+                        seen_states[key], durables[k], log, k), problem))
         res.states = len(results)
         res.pairs = checked_pairs
         res.points = len(per_point)
@@ -1251,7 +1253,24 @@ def describe_sector(v: bytes, model: GuestModel, s: int, k: int) -> str:
 def describe_state(st, durable, log: List[LogEntry], k: int) -> str:
     last = log[k - 1] if k > 0 else None
     where = f'crash after {last!r}' if last else 'crash before any write'
-    return where
+    # the unflushed sectors that made it to disk in this state
+    extra: Dict[str, List[int]] = {}
+    for (e, s) in sorted(set(st) | set(durable)):
+        if st.get((e, s)) != durable.get((e, s)):
+            extra.setdefault(e, []).append(s)
+    parts = []
+    for e, secs in extra.items():
+        runs = []
+        for s in secs:
+            if runs and runs[-1][1] == s - 1:
+                runs[-1][1] = s
+            else:
+                runs.append([s, s])
+        parts.append(f'{e} ' + ','.join(
+            f'{a}' if a == b else f'{a}-{b}' for a, b in runs[:4]) +
+            (',...' if len(runs) > 4 else ''))
+    return where + ('; unflushed sectors on disk: ' + '; '.join(parts)
+                    if parts else '; only flushed data on disk')
 
 
 class Result:
