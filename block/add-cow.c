@@ -807,6 +807,12 @@ add_cow_read_cow(BlockDriverState *bs, int64_t offset, int64_t bytes,
 }
 
 /*
+ * Largest guest write between two copy-on-write areas for which the areas
+ * are read from the backing file in one request
+ */
+#define ADD_COW_COW_MERGE_GAP   (64 * 1024)
+
+/*
  * Write guest data into unallocated clusters: [@offset, @offset + @bytes)
  * lies within the clusters starting at @cow_start and ending at @cow_end
  * (cluster-aligned, clamped to the virtual size).  The rest of those
@@ -835,6 +841,32 @@ add_cow_write_alloc(BlockDriverState *bs, int64_t cow_start, int64_t cow_end,
     }
 
     qemu_iovec_init(&local, (qiov ? qiov->niov : 1) + 2);
+    if (head && tail && bytes <= ADD_COW_COW_MERGE_GAP) {
+        /*
+         * Both ends need copy-on-write and the guest data between them is
+         * small: one backing read of the whole range costs less than two
+         * requests (qcow2 does the same).  The middle of the buffer, which
+         * the guest data replaces, is read and dropped.
+         */
+        head_buf = qemu_try_blockalign(s->image->bs, cow_end - cow_start);
+        if (!head_buf) {
+            ret = -ENOMEM;
+            goto out;
+        }
+        ret = add_cow_read_cow(bs, cow_start, cow_end - cow_start, head_buf);
+        if (ret < 0) {
+            goto out;
+        }
+        qemu_iovec_add(&local, head_buf, head);
+        if (qiov) {
+            qemu_iovec_concat(&local, qiov, qiov_offset, bytes);
+        } else {
+            memset((uint8_t *)head_buf + head, 0, bytes);
+            qemu_iovec_add(&local, (uint8_t *)head_buf + head, bytes);
+        }
+        qemu_iovec_add(&local, (uint8_t *)head_buf + head + bytes, tail);
+        goto write;
+    }
     if (head) {
         head_buf = qemu_try_blockalign(s->image->bs, head);
         if (!head_buf) {
@@ -865,6 +897,8 @@ add_cow_write_alloc(BlockDriverState *bs, int64_t cow_start, int64_t cow_end,
         }
         qemu_iovec_add(&local, tail_buf, tail);
     }
+
+write:
 
     BLKDBG_CO_EVENT(bs->file, BLKDBG_COW_WRITE);
     if (local.niov > IOV_MAX) {
