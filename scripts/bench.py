@@ -52,6 +52,10 @@ CACHES = {
                       ['raw-prealloc', 'qcow2', 'add-cow-64k']),
 }
 
+# Peak RSS is measured for these (qcow2-like formats take long to allocate
+# metadata all over a 1 TiB disk and add nothing to the comparison)
+RSS_FORMATS = ['raw-sparse', 'qcow2', 'add-cow-64k', 'add-cow-4k']
+
 # Workloads that define the targets (issue 7), add-cow-64k against:
 #   workload prefix -> (reference, minimum ratio)
 TARGETS = [
@@ -205,8 +209,8 @@ class Bench:
     def peak_rss(self, name, fmt, opts):
         """Peak RSS (KiB) of qemu-img bench across a 1 TiB disk
 
-        One 4 KiB write every 64 MiB allocates metadata all over the disk
-        (an L2 table per 512 MiB for qcow2, the whole bitmap for add-cow),
+        One 4 KiB write every 512 MiB allocates metadata all over the disk
+        (every L2 table of qcow2, every bitmap cache entry of add-cow),
         then the same pattern is read back; the larger peak counts."""
         img = self.path('img.rss.' + name)
         o = [x.replace('{img}', img) for x in opts
@@ -220,7 +224,7 @@ class Bench:
         peak = 0
         for w in (['-w'], []):
             out = run([sys.executable, '-c', code, QEMU_IMG, 'bench', '-f',
-                       fmt, '-c', '16384', '-s', '4k', '-S', str(64 * MiB)] +
+                       fmt, '-c', '2048', '-s', '4k', '-S', str(512 * MiB)] +
                       w + [img])
             peak = max(peak, int(out.split()[-1]))
         self.clean('img.rss.')
@@ -263,6 +267,96 @@ def chart(path, formats, workloads, ratios):
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     print('bench: chart in %s' % path)
+
+
+def report(a, b, formats, rss, runs, started, load0, fstype):
+    load1 = loadavg()
+    ended = datetime.datetime.now(datetime.timezone.utc)
+
+    workloads = []
+    for (w, _) in b.results:
+        if w not in workloads:
+            workloads.append(w)
+
+    lines = [
+        '# add-cow benchmark', '',
+        '<!-- Written by scripts/bench.py (make bench); do not edit. '
+        'Notes on the optimisations: add-cow-performance.md -->', '',
+        '- Date: %s to %s UTC' % (started.strftime('%Y-%m-%d %H:%M'),
+                                   ended.strftime('%H:%M')),
+        '- Machine: %s' % machine(),
+        '- File system: %s (%s); QEMU build %s' % (a.dir, fstype, BUILD),
+        '- Load average (1/5/15 min) at start %s, at end %s' % (load0,
+                                                                 load1),
+        '- Command: `%s`' % ' '.join(['scripts/bench.py'] + sys.argv[1:]),
+        '',
+        'Each cell: median seconds of %d runs (min-max), then the speed '
+        'ratio (reference time / time: higher is faster) to raw-preallocated '
+        'and to qcow2 of the same cache mode, from this invocation. Virtual '
+        'disk %d MiB; each workload covers %d MiB with queue depth 32 '
+        '(qemu-img bench); writes go through a raw backing file full of '
+        'non-zero data. Timings are qemu-img bench\'s own (open and close '
+        'excluded); the random workload times a whole qemu-io process '
+        '(%d aio_write requests at distinct random 4 KiB offsets over the '
+        'whole disk, then aio_flush), so its ratios include open and close.'
+        % (runs, a.size, b.touch // MiB, b.touch // 65536), '']
+
+    ratios = {}
+    summary = []
+    for w in workloads:
+        conv = w.startswith('convert')
+        lines += ['## ' + w, '', '| format | seconds | vs %s | vs qcow2 |' %
+                  ('raw' if conv else 'raw-prealloc'), '|---|---|---|---|']
+        ref = b.results.get((w, 'raw-sparse' if conv else 'raw-prealloc'))
+        ref = statistics.median(ref) if ref else None
+        ref2 = b.results.get((w, 'qcow2'))
+        ref2 = statistics.median(ref2) if ref2 else None
+        for name, _, _, _ in formats:
+            vals = b.results.get((w, name))
+            if not vals:
+                continue
+            cell, r1, r2 = fmt_cell(vals, ref, ref2)
+            lines.append('| %s | %s | %s | %s |' % (name, cell, r1, r2))
+            med = statistics.median(vals)
+            rr = ratios.setdefault(w, {})
+            rr[(name, 'raw-prealloc')] = ref / med if ref else None
+            rr[(name, 'qcow2')] = ref2 / med if ref2 else None
+        lines.append('')
+        for prefix, key, want in TARGETS + [('convert', 'raw-prealloc',
+                                             0.95)]:
+            if w.startswith(prefix):
+                got = ratios[w].get(('add-cow-64k', key))
+                if got is not None:
+                    summary.append('| %s | %s | %.2fx | >= %.2fx | %s |' % (
+                        w, 'raw' if conv else key, got, want,
+                        'met' if got >= want else 'MISSED'))
+
+    lines += ['For convert, the first ratio is to raw (sparse): the same '
+              'conversion into a raw file.', '']
+    lines += ['## Peak RSS, 1 TiB virtual disk', '',
+              'qemu-img bench writes 4 KiB every 512 MiB (2048 requests, '
+              'no backing file), then reads the same pattern; the larger '
+              'peak RSS of the two processes.', '',
+              '| format | peak RSS (KiB) | vs qcow2 |', '|---|---|---|']
+    for name, kib in rss.items():
+        lines.append('| %s | %d | %.2fx |' % (name, kib,
+                                              kib / rss.get('qcow2', kib)))
+    lines.append('')
+    if 'add-cow-64k' in rss and 'qcow2' in rss:
+        summary.append('| peak RSS, 1 TiB | qcow2 | %.2fx | <= 1.00x | %s |'
+                       % (rss['add-cow-64k'] / rss['qcow2'],
+                          'met' if rss['add-cow-64k'] <= rss['qcow2']
+                          else 'MISSED'))
+    if summary:
+        head = ['## Targets (add-cow-64k, medians of this run)', '',
+                '| workload | reference | ratio | target | |',
+                '|---|---|---|---|---|'] + summary + ['']
+        i = lines.index('## ' + workloads[0]) if workloads else len(lines)
+        lines[i:i] = head
+    with open(a.out, 'w') as f:
+        f.write('\n'.join(lines))
+    print('\n'.join(lines))
+    chart(a.png, [n for n, _, _, _ in formats], workloads, ratios)
 
 
 def main():
@@ -309,6 +403,10 @@ def main():
     b.make_base()
     formats = [f for f in FORMATS
                if not a.formats or f[0] in a.formats.split(',')]
+    rss = {}
+    for name, fmt, opts, backing in formats:
+        if name in RSS_FORMATS:
+            rss[name] = b.peak_rss(name, fmt, opts)
     caches = a.caches.split(',')
     for r in range(a.runs):
         for label in caches:
@@ -325,102 +423,14 @@ def main():
                     print('bench: run %d/%d convert %s' % (r + 1, a.runs,
                                                            name), flush=True)
                     b.run_convert(name, fmt, opts)
-    rss = {}
-    for name, fmt, opts, backing in formats:
-        if name != 'raw-prealloc':
-            rss[name] = b.peak_rss(name, fmt, opts)
-    load1 = loadavg()
-    ended = datetime.datetime.now(datetime.timezone.utc)
-
-    workloads = []
-    for (w, _) in b.results:
-        if w not in workloads:
-            workloads.append(w)
-
-    lines = [
-        '# add-cow benchmark', '',
-        '<!-- Written by scripts/bench.py (make bench); do not edit. '
-        'Notes on the optimisations: add-cow-performance.md -->', '',
-        '- Date: %s to %s UTC' % (started.strftime('%Y-%m-%d %H:%M'),
-                                   ended.strftime('%H:%M')),
-        '- Machine: %s' % machine(),
-        '- File system: %s (%s); QEMU build %s' % (a.dir, fstype, BUILD),
-        '- Load average (1/5/15 min) at start %s, at end %s' % (load0,
-                                                                 load1),
-        '- Command: `%s`' % ' '.join(['scripts/bench.py'] + sys.argv[1:]),
-        '',
-        'Each cell: median seconds of %d runs (min-max), then the speed '
-        'ratio (reference time / time: higher is faster) to raw-preallocated '
-        'and to qcow2 of the same cache mode, from this invocation. Virtual '
-        'disk %d MiB; each workload covers %d MiB with queue depth 32 '
-        '(qemu-img bench); writes go through a raw backing file full of '
-        'non-zero data. Timings are qemu-img bench\'s own (open and close '
-        'excluded); the random workload times a whole qemu-io process '
-        '(%d aio_write requests at distinct random 4 KiB offsets over the '
-        'whole disk, then aio_flush), so its ratios include open and close.'
-        % (a.runs, a.size, b.touch // MiB, b.touch // 65536), '']
-
-    ratios = {}
-    summary = []
-    for w in workloads:
-        conv = w.startswith('convert')
-        lines += ['## ' + w, '', '| format | seconds | vs %s | vs qcow2 |' %
-                  ('raw' if conv else 'raw-prealloc'), '|---|---|---|---|']
-        ref = b.results.get((w, 'raw-sparse' if conv else 'raw-prealloc'))
-        ref = statistics.median(ref) if ref else None
-        ref2 = b.results.get((w, 'qcow2'))
-        ref2 = statistics.median(ref2) if ref2 else None
-        for name, _, _, _ in formats:
-            vals = b.results.get((w, name))
-            if not vals:
-                continue
-            cell, r1, r2 = fmt_cell(vals, ref, ref2)
-            lines.append('| %s | %s | %s | %s |' % (name, cell, r1, r2))
-            med = statistics.median(vals)
-            rr = ratios.setdefault(w, {})
-            rr[(name, 'raw-prealloc')] = ref / med if ref else None
-            rr[(name, 'qcow2')] = ref2 / med if ref2 else None
-        lines.append('')
-        for prefix, key, want in TARGETS + [('convert', 'raw-prealloc',
-                                             0.95)]:
-            if w.startswith(prefix):
-                got = ratios[w].get(('add-cow-64k', key))
-                if got is not None:
-                    summary.append('| %s | %s | %.2fx | >= %.2fx | %s |' % (
-                        w, 'raw' if conv else key, got, want,
-                        'met' if got >= want else 'MISSED'))
-
-    lines += ['For convert, the first ratio is to raw (sparse): the same '
-              'conversion into a raw file.', '']
-    lines += ['## Peak RSS, 1 TiB virtual disk', '',
-              'qemu-img bench writes 4 KiB every 64 MiB (16384 requests, '
-              'no backing file), then reads the same pattern; the larger '
-              'peak RSS of the two processes.', '',
-              '| format | peak RSS (KiB) | vs qcow2 |', '|---|---|---|']
-    for name, kib in rss.items():
-        lines.append('| %s | %d | %.2fx |' % (name, kib,
-                                              kib / rss.get('qcow2', kib)))
-    lines.append('')
-    if 'add-cow-64k' in rss and 'qcow2' in rss:
-        summary.append('| peak RSS, 1 TiB | qcow2 | %.2fx | <= 1.00x | %s |'
-                       % (rss['add-cow-64k'] / rss['qcow2'],
-                          'met' if rss['add-cow-64k'] <= rss['qcow2']
-                          else 'MISSED'))
-    if summary:
-        head = ['## Targets (add-cow-64k, medians of this run)', '',
-                '| workload | reference | ratio | target | |',
-                '|---|---|---|---|---|'] + summary + ['']
-        i = lines.index('## ' + workloads[0]) if workloads else len(lines)
-        lines[i:i] = head
-    with open(a.out, 'w') as f:
-        f.write('\n'.join(lines))
-    print('\n'.join(lines))
-    chart(a.png, [n for n, _, _, _ in formats], workloads, ratios)
+        # a report after every run: an interrupted run still leaves one
+        report(a, b, formats, rss, r + 1, started, load0, fstype)
 
 
 if __name__ == '__main__':
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib as _mpl  # noqa: F401
+        del _mpl
     except ImportError:
         # make bench may find another python3 first; Debian's has it
         if os.path.exists('/usr/bin/python3') and \
