@@ -1411,6 +1411,19 @@ add_cow_co_change_backing_file(BlockDriverState *bs, const char *backing_file,
     }
 
     qemu_co_mutex_lock(&s->lock);
+    /*
+     * Step 0: every allocation made so far (e.g. the clusters a safe
+     * rebase just copied) must be stable, bits included, before the
+     * header names another backing file; otherwise a crash would let
+     * those clusters read the new backing file's data.
+     */
+    ret = add_cow_cache_write(s->cache);
+    if (ret == 0) {
+        ret = bdrv_co_flush(bs->file->bs);
+    }
+    if (ret < 0) {
+        goto out;
+    }
     if (len) {
         pos = add_cow_find_name_space(s, len);
         if (!pos) {
@@ -1514,6 +1527,70 @@ add_cow_clear_bits_from(BlockDriverState *bs, uint64_t first, uint64_t end)
  * show them again; (3) truncate the image file.  A crash after (1) leaves
  * at most stale padding bits, which readers ignore and which grow clears.
  */
+/*
+ * Make [@old_size, @new_size) read zeros in a growing image: the part of
+ * an unallocated boundary cluster gets a copy-on-write allocation with a
+ * zero tail, whole new clusters are zeroed in the image file and marked
+ * allocated.  The cache flushes the image file before it writes the bits.
+ * Called with s->lock held and the bitmap already resized.
+ */
+static int coroutine_fn GRAPH_RDLOCK
+add_cow_zero_new_area(BlockDriverState *bs, int64_t old_size,
+                      int64_t new_size)
+{
+    BDRVAddCowState *s = bs->opaque;
+    int64_t zstart = ROUND_UP(old_size, s->cluster_size);
+    uint64_t first, last;
+    bool allocated;
+    int64_t n;
+    int ret;
+
+    if (zstart > old_size) {
+        int64_t cow_start = QEMU_ALIGN_DOWN(old_size, s->cluster_size);
+        int64_t cow_end = MIN(zstart, new_size);
+
+        n = add_cow_find_run(s, cow_start, 1, &allocated);
+        if (n < 0) {
+            return n;
+        }
+        if (!allocated) {
+            uint8_t *buf = qemu_try_blockalign0(s->image->bs,
+                                                cow_end - cow_start);
+
+            if (!buf) {
+                return -ENOMEM;
+            }
+            ret = add_cow_read_cow(bs, cow_start, old_size - cow_start, buf);
+            if (ret == 0) {
+                ret = bdrv_co_pwrite(s->image, cow_start, cow_end - cow_start,
+                                     buf, 0);
+            }
+            qemu_vfree(buf);
+            if (ret == 0) {
+                ret = add_cow_cache_set(s->cache, cow_start >>
+                                        s->header.cluster_bits, 1, true);
+            }
+            if (ret < 0) {
+                return ret;
+            }
+        }
+    }
+    if (zstart < new_size) {
+        ret = bdrv_co_pwrite_zeroes(s->image, zstart, new_size - zstart,
+                                    BDRV_REQ_MAY_UNMAP);
+        if (ret < 0) {
+            return ret;
+        }
+        first = zstart >> s->header.cluster_bits;
+        last = (new_size - 1) >> s->header.cluster_bits;
+        ret = add_cow_cache_set(s->cache, first, last - first + 1, true);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    return add_cow_cache_write(s->cache);
+}
+
 static int coroutine_fn GRAPH_RDLOCK
 add_cow_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
                     PreallocMode prealloc, BdrvRequestFlags flags,
@@ -1591,6 +1668,19 @@ add_cow_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
             error_setg_errno(errp, -ret, "Could not extend the bitmap");
             goto out;
         }
+        /*
+         * (3b) The backing file reaches into the new area (the block layer
+         * asks for BDRV_REQ_ZERO_WRITE): the new area must read zeros as
+         * soon as the new size is visible, so zero it in the image file
+         * and set its bits now, before the header grows.
+         */
+        if (flags & BDRV_REQ_ZERO_WRITE) {
+            ret = add_cow_zero_new_area(bs, old_size, offset);
+            if (ret < 0) {
+                error_setg_errno(errp, -ret, "Could not zero the new area");
+                goto out;
+            }
+        }
         /* (4) */
         ret = bdrv_co_flush(s->image->bs);
         if (ret == 0) {
@@ -1646,26 +1736,6 @@ add_cow_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
 
 out:
     qemu_co_mutex_unlock(&s->lock);
-    if (ret == 0 && offset > old_size && (flags & BDRV_REQ_ZERO_WRITE)) {
-        /* The backing file reaches into the new area: hide it */
-        int64_t zstart = ROUND_UP(old_size, s->cluster_size);
-
-        if (zstart > old_size) {
-            int64_t zlen = MIN(zstart, offset) - old_size;
-            QEMUIOVector qiov;
-            g_autofree void *zeros = g_malloc0(zlen);
-
-            qemu_iovec_init_buf(&qiov, zeros, zlen);
-            ret = add_cow_do_write(bs, old_size, zlen, &qiov, 0, 0);
-        }
-        if (ret == 0 && zstart < offset) {
-            ret = add_cow_do_write(bs, zstart, offset - zstart, NULL, 0,
-                                   BDRV_REQ_MAY_UNMAP);
-        }
-        if (ret < 0) {
-            error_setg_errno(errp, -ret, "Could not zero the new area");
-        }
-    }
     return ret;
 }
 
@@ -1779,7 +1849,7 @@ add_cow_scan_bitmap(BlockDriverState *bs, AddCowBitmapScan *sc)
  * the backing file, so what is left are the conditions a reader tolerates:
  *
  *  - padding bits set past the last cluster (a reader ignores them, but a
- *    later grow must not see them): repaired by clearing them;
+ *    later grow must not see them): leaks, repaired by clearing them;
  *  - the all-allocated flag set over a clear bit: repaired by clearing the
  *    flag, so that the bitmap decides again (the flag may only be set after
  *    every bit is, so the bitmap is the more trustworthy of the two);
@@ -1798,6 +1868,7 @@ add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
 {
     BDRVAddCowState *s = bs->opaque;
     const bool repair = fix & BDRV_FIX_ERRORS;
+    const bool repair_leaks = fix & BDRV_FIX_LEAKS;
     AddCowBitmapScan sc;
     uint64_t alloc_end;
     int64_t image_len;
@@ -1819,12 +1890,17 @@ add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
         goto out;
     }
 
+    /*
+     * Set padding bits are harmless to readers and are what a crash between
+     * a shrink's header update and its bit clearing leaves behind, so they
+     * count as leaks (like qcow2's leaked clusters), not corruption.
+     */
     if (sc.pad_set) {
         fprintf(stderr, "%s %" PRIu64 " bitmap bit(s) past the last cluster "
                 "(%" PRIu64 ") are set, the first in bitmap byte %" PRIu64
-                "\n", repair ? "Repairing" : "ERROR", sc.pad_set,
+                "\n", repair_leaks ? "Repairing" : "Leaked", sc.pad_set,
                 s->nb_clusters ? s->nb_clusters - 1 : 0, sc.first_pad);
-        if (repair) {
+        if (repair_leaks) {
             ret = add_cow_clear_bits_from(bs, s->nb_clusters,
                                           s->header.bitmap_size);
             if (ret < 0) {
@@ -1833,9 +1909,9 @@ add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
                 result->check_errors++;
                 goto out;
             }
-            result->corruptions_fixed++;
+            result->leaks_fixed += sc.pad_set;
         } else {
-            result->corruptions++;
+            result->leaks += sc.pad_set;
         }
     }
 
