@@ -3,85 +3,115 @@
 #
 # Export the whole change as a git format-patch series against pristine
 # QEMU 10.2.2, one patch per logical step, and run checkpatch.pl on it.
-# The series is built in a separate clone (out/series-tree); the build
-# tree is not touched.  Output: out/series/*.patch.
+#
+# The series is made from what is committed in the project (HEAD), not
+# from uncommitted edits.  The commits are made in a bare clone of the
+# unpacked QEMU tree (out/series.git) through a private index, so neither
+# the build tree nor a 400 MB checkout is involved.
+# Output: out/series/*.patch.
 
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
 src=${QEMU_SRC:-$top/.build/qemu}
-tree=$top/out/series-tree
+repo=$top/out/series.git
 out=$top/out/series
+author="add-cow developers <add-cow@localhost>"
 
 "$top/scripts/prepare-tree.sh" >/dev/null
 
-rm -rf "$tree" "$out"
-mkdir -p "$top/out"
-git clone -q --no-checkout "$src" "$tree"
-cd "$tree"
-git checkout -q -b add-cow pristine
-git config user.name "add-cow developers"
-git config user.email "add-cow@localhost"
+# git in the project's own repository
+proj() {
+    env -u GIT_DIR -u GIT_INDEX_FILE git -C "$top" "$@"
+}
+# The project's test files and patch files, as committed
+committed=$(proj ls-tree -r --name-only HEAD)
+test_files=$(echo "$committed" | grep -E \
+    '^tests/(qemu-iotests/tests/add[-_]cow|image-fuzzer/add_cow/)' || true)
+patch_files=$(echo "$committed" | grep -E '^patches/[^/]*\.patch$' || true)
 
-# Files of the project that go into each step
-put() {
-    local f
-    for f in "$@"; do
-        mkdir -p "$(dirname "$f")"
-        cp -p "$top/$f" "$f"
-        git add "$f"
-    done
-}
-apply() {
-    local p
-    for p in "$@"; do
-        git apply --index "$p"
-    done
-}
-patches_matching() {
-    # Patch files whose name matches $1 (extended regex), in order
-    ls "$top"/patches/*.patch | grep -E "$1" || true
-}
-commit() {
-    git commit -q -s -F -
-}
+rm -rf "$repo" "$out" "$top/out/series-tree"
+mkdir -p "$top/out"
+git clone -q --bare --shared "$src" "$repo"
+export GIT_DIR=$repo
+export GIT_INDEX_FILE=$repo/series-index
+export GIT_AUTHOR_NAME="add-cow developers" GIT_AUTHOR_EMAIL=add-cow@localhost
+export GIT_COMMITTER_NAME="add-cow developers"
+export GIT_COMMITTER_EMAIL=add-cow@localhost
+git read-tree pristine
+head=$(git rev-parse pristine)
 
 # Every patch file must belong to a step (by its name)
 steps='/[0-9]+-(docs|qapi|block|maintainers|iotests|image-fuzzer)'
-for p in "$top"/patches/*.patch; do
-    if ! echo "$p" | grep -qE "$steps"; then
+for p in $patch_files; do
+    if ! echo "/$p" | grep -qE "$steps"; then
         echo "make-series: $(basename "$p") belongs to no step" >&2
         exit 1
     fi
 done
-take() {
-    patches_matching "$1"
+
+# put FILE...: add committed project files to the index
+put() {
+    local f mode blob
+    for f in "$@"; do
+        mode=$(proj ls-tree HEAD -- "$f" | cut -d' ' -f1)
+        if [ -z "$mode" ]; then
+            echo "make-series: $f is not committed" >&2
+            exit 1
+        fi
+        blob=$(proj cat-file blob "HEAD:$f" | git hash-object -w --stdin)
+        git update-index --add --cacheinfo "$mode,$blob,$f"
+    done
+}
+# apply REGEX: apply the patch files whose name matches REGEX, in order
+apply() {
+    local p
+    for p in $patch_files; do
+        if echo "/$p" | grep -qE "$1"; then
+            proj cat-file blob "HEAD:$p" | git apply --cached
+        fi
+    done
+}
+# commit: commit the index with the message on stdin, signed off
+commit() {
+    local msg tree
+    msg=$(cat)
+    tree=$(git write-tree)
+    if [ "$tree" = "$(git rev-parse "$head^{tree}")" ]; then
+        echo "make-series: step \"${msg%%$'\n'*}\" has no changes" >&2
+        exit 1
+    fi
+    head=$(printf '%s\n\nSigned-off-by: %s\n' "$msg" "$author" |
+           git commit-tree "$tree" -p "$head")
 }
 
-# 1. The specification (and its docs hunks)
-put docs/specs/add-cow.txt
-[ -f "$top/docs/interop/add-cow.rst" ] && put docs/interop/add-cow.rst
-# shellcheck disable=SC2046
-apply $(take '/[0-9]+-docs')
+# 1. The specification and the documentation
+put docs/specs/add-cow.txt docs/interop/add-cow.rst
+apply '/[0-9]+-docs'
 commit <<'MSG'
 docs: add-cow image format specification
 
 add-cow is a copy-on-write format that keeps guest data in a plain image
-file (normally raw) at guest offsets, and a bitmap with one bit per
-cluster in a separate .add-cow file: 1 means the cluster is in the image
-file, 0 means read the backing file.  Once every cluster is filled the
-image file alone is a standalone raw disk.
+file (raw) at guest offsets, and a bitmap with one bit per cluster in a
+separate .add-cow file: 1 means the cluster is in the image file, 0 means
+read the backing file.  Once every cluster is filled the image file alone
+is a standalone raw disk.
 
 The specification fixes what review found wrong with the 2011-2013
 proposals: an explicit virtual size, cluster sizes from 512 bytes, an
 auto-clear "all allocated" bit, relative names resolved against the
 .add-cow file's directory, refusal of json:/protocol image file names,
 and a normative write-ordering rule with its crash model.
+
+docs/specs/add-cow.txt is written as reStructuredText and rendered in the
+interop manual through docs/interop/add-cow.rst.  The qemu-img manual
+lists add-cow among the formats that support check and rebase and
+describes its creation options; the block drivers reference gets an
+add-cow section like qed's.
 MSG
 
 # 2. QAPI
-# shellcheck disable=SC2046
-apply $(take '/[0-9]+-qapi')
+apply '/[0-9]+-qapi'
 commit <<'MSG'
 qapi: add the add-cow block driver schema
 
@@ -103,13 +133,13 @@ file holding the guest data, not the file the bitmap lives in: that is
 what orders a bitmap bit after the data it describes.  One image flush
 covers all bits set since the previous one.
 
-The cache is only built together with the driver (next patch).
+add-cow.h holds the on-disk header layout and the driver state.  The
+cache is only built together with the driver (next patch).
 MSG
 
 # 4. The driver
 put block/add-cow.c
-# shellcheck disable=SC2046
-apply $(take '/[0-9]+-(block|maintainers)')
+apply '/[0-9]+-(block|maintainers)'
 commit <<'MSG'
 block: add the add-cow image format driver
 
@@ -126,25 +156,29 @@ relative to the .add-cow file (never parsed as json: or a protocol
 string), or given as a node with the image-file option.  The driver
 implements create (qemu-img and blockdev-create), block status, check
 and repair, make_empty, backing file changes with an untearable header
-update, resize, zero writes and discard, and migration hooks.
+update, resize, amend, measure, zero writes and discard, and migration
+hooks.
+
+The driver is always built, like qed; MAINTAINERS gets an add-cow
+section for the driver, its specification and its tests.
 MSG
 
 # 5. iotests harness
-# shellcheck disable=SC2046
-apply $(take '/[0-9]+-(iotests|image-fuzzer)')
+apply '/[0-9]+-(iotests|image-fuzzer)'
 commit <<'MSG'
 iotests: accept the add-cow format
 
 ./check -add-cow, companion image file handling in common.rc and
-iotests.py, filters for add-cow's create options and image file name, and
-the exclusions of generic tests that need a capability add-cow
-deliberately lacks (each with its reason).
+iotests.py (a new image starts with a fresh image file, removing an image
+removes its image file), a qemu-img map filter for the image file name,
+and the exclusions of generic tests that need a capability add-cow
+deliberately lacks (each with its reason).  The image fuzzer takes the
+image format from its generator module.
 MSG
 
 # 6. add-cow iotests
-# shellcheck disable=SC2046
-put $(cd "$top" && git ls-files 'tests/qemu-iotests/tests/add-cow*' \
-      'tests/qemu-iotests/tests/add_cow*' 'tests/image-fuzzer/add_cow*')
+# shellcheck disable=SC2086
+put $test_files
 commit <<'MSG'
 iotests: add-cow tests
 
@@ -152,12 +186,13 @@ Tests for creation, cluster sizes from 512 bytes to 2 MiB, partial
 cluster copy-on-write, sizes of image and backing files, relative names,
 malformed headers, QMP, the lifecycle operations, fault injection, a
 crash-state checker with negative controls, a mutation fuzzer replay and
-an independent reader written from the specification alone.
+an independent reader written from the specification alone, plus the
+add-cow image generator for tests/image-fuzzer.
 MSG
 
-
+git update-ref refs/heads/add-cow "$head"
 git format-patch -q --cover-letter -o "$out" pristine..add-cow
-cover=$(ls "$out"/0000-cover-letter.patch)
+cover=$out/0000-cover-letter.patch
 python3 - "$cover" <<'PY'
 import sys
 p = sys.argv[1]
@@ -168,21 +203,30 @@ a one-bit-per-cluster bitmap in a small .add-cow file, so that a raw file
 can be the target of copy-on-write, streaming and mirroring, and becomes a
 standalone disk once every cluster has been copied.  The write path is
 crash-safe: data and copy-on-write fill, then a flush of the image file,
-then the bitmap update; one image flush covers a batch of bitmap updates.''')
+then the bitmap update; one image flush covers a batch of bitmap updates.
+
+The series: the specification and documentation, the QAPI schema, the
+bitmap cache, the driver, the iotests harness changes, and the tests.
+Based on QEMU 10.2.2.''')
 open(p, 'w').write(s)
 PY
 
 errors=0
 for p in "$out"/0*.patch; do
-    [ "$(basename "$p")" = 0000-cover-letter.patch ] && continue
+    [ "$p" = "$cover" ] && continue
     res=$(perl "$src/scripts/checkpatch.pl" --root="$src" "$p" 2>&1 || true)
     e=$(printf '%s\n' "$res" | sed -n 's/^total: \([0-9]*\) errors.*/\1/p')
-    w=$(printf '%s\n' "$res" | sed -n 's/^total: [0-9]* errors, \([0-9]*\) warnings.*/\1/p')
-    printf '%-60s %s errors, %s warnings\n' "$(basename "$p")" "${e:-?}" "${w:-?}"
+    w=$(printf '%s\n' "$res" |
+        sed -n 's/^total: [0-9]* errors, \([0-9]*\) warnings.*/\1/p')
+    printf '%-60s %s errors, %s warnings\n' "$(basename "$p")" \
+        "${e:-?}" "${w:-?}"
     if [ "${e:-1}" != 0 ]; then
         printf '%s\n' "$res" | grep -A4 '^ERROR' | head -40
         errors=$((errors + 1))
     fi
 done
-echo "make-series: $(ls "$out" | wc -l) files in $out"
-[ "$errors" -eq 0 ]
+echo "make-series: $(find "$out" -name '*.patch' | wc -l) files in $out"
+if [ "$errors" -ne 0 ]; then
+    echo "make-series: checkpatch found errors in $errors patch(es)" >&2
+    exit 1
+fi
