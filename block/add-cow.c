@@ -686,10 +686,11 @@ add_cow_reopen_prepare(BDRVReopenState *state, BlockReopenQueue *queue,
 
 /*
  * Like bdrv_default_perms(), except that the image file (the data child)
- * also needs WRITE whenever the parents may resize: growing writes zeros
- * into the image file (the tail of a partial last cluster, and the new
- * area when the backing file reaches into it), even for a parent such as
- * block_resize that never writes itself.
+ * is writable whenever the node is, as the .add-cow file is: add-cow
+ * writes the image file on its own account even for parents that never
+ * write, e.g. copy-on-read fills (-drive copy-on-read=on below a read-only
+ * user) and the zeros that growing writes (block_resize).  Which parents
+ * may share writes to the image file is left as bdrv_default_perms() says.
  */
 static void add_cow_child_perm(BlockDriverState *bs, BdrvChild *c,
                                BdrvChildRole role,
@@ -699,9 +700,13 @@ static void add_cow_child_perm(BlockDriverState *bs, BdrvChild *c,
 {
     bdrv_default_perms(bs, c, role, reopen_queue, perm, shared, nperm,
                        nshared);
-    if (c != bs->file && (role & BDRV_CHILD_DATA) &&
-        (*nperm & BLK_PERM_RESIZE)) {
-        *nperm |= BLK_PERM_WRITE;
+    if (c != bs->file && (role & BDRV_CHILD_DATA)) {
+        uint64_t mperm, mshared;
+
+        /* Metadata children get WRITE exactly when the node is writable */
+        bdrv_default_perms(bs, c, BDRV_CHILD_METADATA, reopen_queue, 0,
+                           BLK_PERM_ALL, &mperm, &mshared);
+        *nperm |= mperm & (BLK_PERM_WRITE | BLK_PERM_RESIZE);
     }
 }
 
