@@ -70,11 +70,16 @@ TARGETS = [
 ]
 
 
+class Failed(Exception):
+    pass
+
+
 def run(args, **kw):
     r = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        universal_newlines=True, **kw)
     if r.returncode:
-        sys.exit('command failed: %s\n%s' % (' '.join(args), r.stdout))
+        raise Failed('command failed (status %d): %s\n%s' %
+                     (r.returncode, ' '.join(args), r.stdout))
     return r.stdout
 
 
@@ -416,13 +421,20 @@ def main():
                     continue
                 print('bench: run %d/%d %s, %s (load %s)' %
                       (r + 1, a.runs, name, label, loadavg()), flush=True)
-                b.run_format(name, fmt, opts, backing, label, r)
+                try:
+                    b.run_format(name, fmt, opts, backing, label, r)
+                except Failed as e:
+                    # one lost sample, not a lost run (e.g. a stray kill)
+                    print('bench: %s' % e, flush=True)
         if not a.no_convert:
             for name, fmt, opts, backing in formats:
                 if name != 'raw-prealloc':
                     print('bench: run %d/%d convert %s' % (r + 1, a.runs,
                                                            name), flush=True)
-                    b.run_convert(name, fmt, opts)
+                    try:
+                        b.run_convert(name, fmt, opts)
+                    except Failed as e:
+                        print('bench: %s' % e, flush=True)
         # a report after every run: an interrupted run still leaves one
         report(a, b, formats, rss, r + 1, started, load0, fstype)
 
