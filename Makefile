@@ -18,7 +18,7 @@ demo: build
 # Every add-cow iotest, QEMU's generic quick group under -add-cow, and a
 # real guest booted on add-cow (write + reboot, kill -9 crash)
 check: build
-	@scripts/run-iotests.sh "add-cow:-g add-cow" "add-cow:-g quick" \
+	@scripts/run-iotests.sh "add-cow:-g add-cow" "add-cow:-g quick -x add-cow" \
 	    "system:--quick"
 
 # The whole generic iotests set under -add-cow (long)
@@ -32,6 +32,11 @@ check-qcow2-quick: build
 # A real Linux guest on add-cow disks (boot, crash, stream, NBD backing)
 check-system: build
 	@scripts/guest/check-system.sh
+
+# The crash-state checker with raised bounds, every workload at every
+# cluster size (long)
+check-crash: build
+	@scripts/check-crash.sh
 
 # The add-cow iotests against an ASan+UBSan build
 check-asan:

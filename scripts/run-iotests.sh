@@ -19,7 +19,7 @@ logdir=$top/.build/iotests-logs
 mkdir -p "$logdir"
 
 if [ $# -eq 0 ]; then
-    set -- "add-cow:-g add-cow" "add-cow:-g quick"
+    set -- "add-cow:-g add-cow" "add-cow:-g quick -x add-cow"
 fi
 
 # Test a snapshot of the binaries: other builds in this tree (several
@@ -103,16 +103,16 @@ for sel in "$@"; do
     f=$(grep -c '^not ok ' "$log" || true)
     if [ -z "$n" ]; then
         echo "run-iotests: ./check -$fmt $args did not run (see $log)"
-        tail -5 "$log" "$log.diff"
+        tail -n 5 "$log" "$log.diff"
         f=$((f + 1))
     elif [ $((p + s + f)) -lt "$n" ]; then
         echo "run-iotests: ./check -$fmt $args stopped after" \
              "$((p + s + f)) of $n tests (exit status $rc; see $log)"
-        tail -5 "$log.diff"
+        tail -n 5 "$log.diff"
         f=$((f + n - p - s - f))
     elif [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
         echo "run-iotests: ./check -$fmt $args exited with status $rc"
-        tail -5 "$log.diff"
+        tail -n 5 "$log.diff"
         f=1
     fi
     if [ "$f" -eq 0 ]; then
@@ -130,8 +130,10 @@ for sel in "$@"; do
     skip=$((skip + s))
 done
 
+# shellcheck disable=SC2086
+failed_names=$(echo $failed_names)
 if [ -n "$failed_names" ]; then
-    echo "Failed tests:$failed_names"
+    echo "Failed tests: $failed_names"
 fi
 if [ "$skip" -gt 0 ]; then
     echo "$pass passed, $fail failed, $skip skipped"

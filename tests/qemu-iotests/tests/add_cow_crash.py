@@ -61,7 +61,6 @@ import itertools
 import json
 import os
 import random
-import re
 import shutil
 import socket
 import struct
@@ -480,19 +479,10 @@ class Workload:
                  expect_violation: bool = False,
                  state_budget: Optional[int] = None,
                  new_backing: bool = False,
-                 known_bug: Tuple[str, str] = ('', ''), grow: Optional[Dict[str, int]] = None,
-                 known_bug_match: Tuple[str, ...] = ()):
-        # regular expressions; empty: any violation is the known one
-        # only violations whose description contains this are known
-        self.known_bug_match = known_bug_match
+                 grow: Optional[Dict[str, int]] = None):
         self.name = name
         # Exports advertised larger than their file, so that they can grow
         self.grow = grow
-        # A violation the driver is known to have (reported, not yet
-        # fixed): reported as KNOWN BUG without failing the run; once the
-        # driver is fixed, the line turns into "ok" and the reference
-        # output must be updated, so the fix is noticed.
-        self.known_bug = known_bug
         self.new_backing = new_backing
         self.state_budget = state_budget
         self.fmt = fmt
@@ -1346,19 +1336,6 @@ class Patterns:
         return f'-P {0x10 + (self.n * 7) % 0xe0:#x}'
 
 
-KNOWN_BUG_REBASE = ('rebase-header-before-bits',
-    'bdrv_co_change_backing_file switches the header to the new backing '
-    'file before the data copied by rebase is flushed and its bits are '
-    'written: a crash reads the new backing file in those clusters')
-
-KNOWN_BUG_SHRINK = ('resize-check-and-grow-zeroing',
-    'qemu-img check reports the bits past the end that a shrink leaves '
-    'between its header write and its bit clearing as corruption (exit 2); '
-    'the spec allows them (a grow clears them), so check should not; and '
-    'a grow writes the header with the new size before the block layer '
-    'zeroes the new area (BDRV_REQ_ZERO_WRITE not handled in the driver), '
-    'so a crash in between shows backing data past the old end')
-
 # In the quick run (make check), the largest cluster size only runs these
 QUICK_LARGE = ('partial-alloc-c', 'concurrent-c', 'commit-c', 'resize-c',
                'negative-skip-image-flush-c', 'negative-bit-before-data-c')
@@ -1463,7 +1440,7 @@ def workloads(fmt_name: str, cluster_sizes: List[int],
             io([f'write {p()} {c} {sec}', 'flush']),
             Step('img', args=['rebase', '-q', '-F', 'raw', '-b',
                               '@WDIR@/new.raw', '@IMG@']),
-        ], new_backing=True, known_bug=KNOWN_BUG_REBASE))
+        ], new_backing=True))
 
         # Resize grow and shrink (NBD cannot resize: the files are advertised
         # with room to grow)
@@ -1474,11 +1451,7 @@ def workloads(fmt_name: str, cluster_sizes: List[int],
             Step('img', args=['resize', '-q', '--shrink', '@IMG@',
                               str(size - 2 * c)]),
             Step('img', args=['resize', '-q', '@IMG@', str(size)]),
-        ], grow={'meta': 1 << 20, 'image': 2 * size},
-            known_bug=KNOWN_BUG_SHRINK,
-            known_bug_match=(r'check exit 2: ERROR .*bit.* past the ',
-                             'reads backing data, flushed content is '
-                             'backing/initial data')))
+        ], grow={'meta': 1 << 20, 'image': 2 * size}))
 
         if negative and fmt_name == 'add-cow':
             for mode in ('skip-image-flush', 'bit-before-data',
@@ -1525,14 +1498,6 @@ def run_all(wls: List[Workload], checker: Checker, log=print,
                 log(f'{wl.name}: FAIL: negative control found no '
                     f'violating crash state')
                 ok = False
-        elif wl.known_bug[0] and res.violations and \
-                all(any(re.search(m, v[2]) for m in wl.known_bug_match)
-                    or not wl.known_bug_match for v in res.violations):
-            tag, desc = wl.known_bug
-            log(f'{wl.name}: KNOWN BUG reproduced: {tag}')
-            figures(f'  {desc}')
-            k, where, why = res.violations[0]
-            figures(f'  e.g. at log position {k}, {where}: {why}')
         else:
             if res.violations:
                 ok = False
