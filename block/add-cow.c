@@ -1317,9 +1317,9 @@ static int coroutine_fn GRAPH_RDLOCK
 add_cow_fill_unallocated(BlockDriverState *bs)
 {
     BDRVAddCowState *s = bs->opaque;
-    int64_t offset = 0, n;
+    int64_t offset, n;
     bool allocated;
-    int ret;
+    int pass, ret;
 
     if (add_cow_all_allocated(s)) {
         return 0;
@@ -1327,24 +1327,33 @@ add_cow_fill_unallocated(BlockDriverState *bs)
     /* Allocating writes in flight would race with the zeros */
     reqlist_wait_all(&s->inflight, 0, s->header.virtual_size, &s->lock);
 
-    while (offset < s->header.virtual_size) {
-        n = add_cow_find_run(s, offset, s->header.virtual_size - offset,
-                             &allocated);
-        if (n < 0) {
-            return n;
-        }
-        if (!allocated) {
-            ret = bdrv_co_pwrite_zeroes(s->image, offset, n,
-                                        BDRV_REQ_MAY_UNMAP);
+    /*
+     * Pass 0 writes the zeros of every unallocated run, pass 1 sets the
+     * bits.  Zeros in unallocated clusters are invisible, so a failed zero
+     * write changes nothing the guest sees; setting each run's bits right
+     * after its zeros would leave the runs before the failure reading zeros
+     * and the others reading the backing file.
+     */
+    for (pass = 0; pass < 2; pass++) {
+        for (offset = 0; offset < s->header.virtual_size; offset += n) {
+            n = add_cow_find_run(s, offset, s->header.virtual_size - offset,
+                                 &allocated);
+            if (n < 0) {
+                return n;
+            }
+            if (allocated) {
+                continue;
+            }
+            if (pass == 0) {
+                ret = bdrv_co_pwrite_zeroes(s->image, offset, n,
+                                            BDRV_REQ_MAY_UNMAP);
+            } else {
+                ret = add_cow_mark_allocated(s, offset, offset + n);
+            }
             if (ret < 0) {
                 return ret;
             }
-            ret = add_cow_mark_allocated(s, offset, offset + n);
-            if (ret < 0) {
-                return ret;
-            }
         }
-        offset += n;
     }
     ret = add_cow_cache_write(s->cache);
     if (ret < 0) {
@@ -1897,7 +1906,9 @@ add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
 
     /*
      * Set padding bits are harmless to readers and are what a crash between
-     * a shrink's header update and its bit clearing leaves behind, so they
+     * a shrink's header update and its bit clearing leaves behind, or a grow
+     * that zero-filled the new area (and set its bits) but failed or
+     * crashed before its header update; a later grow clears them.  So they
      * count as leaks (like qcow2's leaked clusters), not corruption.
      */
     if (sc.pad_set) {
