@@ -21,8 +21,9 @@ flock 9
 
 "$top/scripts/prepare-tree.sh"
 
+# tests/unit/fuzz-add-cow: the in-process fuzzer (add-cow-fuzz-inproc)
 TARGETS="qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon
- qemu-system-x86_64"
+ qemu-system-x86_64 tests/unit/fuzz-add-cow"
 
 if [ ! -f "$build/build.ninja" ]; then
     mkdir -p "$build"

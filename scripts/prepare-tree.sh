@@ -37,7 +37,8 @@ if [ "$want" != "$have" ]; then
               ':!tests/qemu-iotests/tests/add-cow*' \
               ':!tests/qemu-iotests/tests/add_cow*' \
               ':!tests/image-fuzzer/add_cow*' \
-              ':!docs/specs/add-cow.txt' ':!docs/interop/add-cow.rst')
+              ':!docs/specs/add-cow.txt' ':!docs/interop/add-cow.rst' \
+              ':!tests/unit/fuzz-add-cow*')
     # Keep a copy of every patched file: a file whose patched content comes
     # out the same gets its old mtime back, so that changing one patch does
     # not make ninja reconfigure or rebuild for the files of the others.
@@ -72,7 +73,8 @@ cd "$top"
 git ls-files --cached --others --exclude-standard \
     'block/add-cow*' 'docs/specs/add-cow*' 'docs/interop/add-cow*' \
     'tests/qemu-iotests/tests/add-cow*' 'tests/qemu-iotests/tests/add_cow*' \
-    'tests/image-fuzzer/add_cow*' | while read -r f; do
+    'tests/image-fuzzer/add_cow*' 'tests/unit/fuzz-add-cow*' |
+while read -r f; do
     [ -f "$f" ] || continue
     if ! cmp -s "$f" "$src/$f"; then
         mkdir -p "$(dirname "$src/$f")"
