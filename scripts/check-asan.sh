@@ -49,7 +49,9 @@ if [ ! -f "$build/build.ninja" ]; then
     }
 fi
 
-TARGETS="qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon"
+# tests/unit/fuzz-add-cow: the in-process fuzzer (add-cow-fuzz-inproc)
+TARGETS="qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon
+ tests/unit/fuzz-add-cow"
 if [ -n "${ASAN_SYSTEM:-}" ]; then
     TARGETS="$TARGETS qemu-system-x86_64"
 fi

@@ -539,7 +539,9 @@ static uint64_t get_field(Buf *b, const Field *f)
     if (f->off + f->size > b->len) {
         return 0;
     }
-    return f->size == 4 ? ldl_le_p(b->p + f->off) : ldq_le_p(b->p + f->off);
+    /* ldl_le_p() returns a (signed) int */
+    return f->size == 4 ? (uint32_t)ldl_le_p(b->p + f->off)
+                        : ldq_le_p(b->p + f->off);
 }
 
 static void set_field(Buf *b, const Field *f, uint64_t v)
@@ -1273,6 +1275,8 @@ int main(int argc, char **argv)
 
         rng_seed(opt_seed, it);
         s = g_ptr_array_index(seeds, rnd_below(seeds->len));
+        g_string_assign(b.ops, "(while mutating)");
+        set_death_msg(it, s, &b);
         mutate(&b, s);
         set_death_msg(it, s, &b);
         if (opt_verbose) {
