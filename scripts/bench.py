@@ -300,7 +300,8 @@ def report(a, b, formats, rss, runs, started, load0, fstype):
                                                                  load1),
         '- Command: `%s`' % ' '.join(['scripts/bench.py'] + sys.argv[1:]),
         '',
-        'Each cell: median seconds of %d runs (min-max), then the speed '
+        'Each cell: median seconds of %d runs (min-max; the formats run in '
+        'a rotated order, a different one first in each run), then the speed '
         'ratio (reference time / time: higher is faster) to raw-preallocated '
         'and to qcow2 of the same cache mode, from this invocation. Virtual '
         'disk %d MiB; each workload covers %d MiB with queue depth 32 '
@@ -419,8 +420,13 @@ def main():
             rss[name] = b.peak_rss(name, fmt, opts)
     caches = a.caches.split(',')
     for r in range(a.runs):
+        # A different format goes first in each run, so that whatever the
+        # first one pays (a cold cache, the previous step's writeback on a
+        # shared disk) is not charged to the same format every time
+        k = r * len(formats) // a.runs
+        order = formats[k:] + formats[:k]
         for label in caches:
-            for name, fmt, opts, backing in formats:
+            for name, fmt, opts, backing in order:
                 only = CACHES[label][2]
                 if only and name not in only:
                     continue
@@ -432,7 +438,7 @@ def main():
                     # one lost sample, not a lost run (e.g. a stray kill)
                     print('bench: %s' % e, flush=True)
         if not a.no_convert:
-            for name, fmt, opts, backing in formats:
+            for name, fmt, opts, backing in order:
                 if name != 'raw-prealloc':
                     print('bench: run %d/%d convert %s' % (r + 1, a.runs,
                                                            name), flush=True)
