@@ -1980,7 +1980,7 @@ add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
     } else if (image_len < s->header.virtual_size) {
         fprintf(stderr, "%s image file is %" PRId64 " bytes long, shorter "
                 "than the virtual size (%" PRIu64 ")%s\n",
-                repair ? "Repairing" : "Warning", image_len,
+                repair ? "Repairing" : "Warning:", image_len,
                 s->header.virtual_size,
                 repair ? ": extending it" : "; no allocated cluster lies "
                 "past its end");
