@@ -37,6 +37,9 @@ trap 'rm -rf "$bin"' EXIT
              qemu-system-x86_64; do
         cp "$build/$b" "$bin/" || exit 1
     done
+    # add-cow-fuzz-inproc looks for the harness beside qemu-img
+    mkdir -p "$bin/tests/unit"
+    cp "$build/tests/unit/fuzz-add-cow" "$bin/tests/unit/" || exit 1
 ) 9>"$top/.build/.build-lock" || {
     echo "run-iotests: the binaries in $build are missing; run make build"
     echo "0 passed, 1 failed"
