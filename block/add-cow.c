@@ -822,7 +822,6 @@ add_cow_read_cow(BlockDriverState *bs, int64_t offset, int64_t bytes,
  * lies within the clusters starting at @cow_start and ending at @cow_end
  * (cluster-aligned, clamped to the virtual size).  The rest of those
  * clusters is filled from the backing file, in the same write request.
- * @qiov is NULL for a zero write.
  */
 static int coroutine_fn GRAPH_RDLOCK
 add_cow_write_alloc(BlockDriverState *bs, int64_t cow_start, int64_t cow_end,
@@ -832,20 +831,19 @@ add_cow_write_alloc(BlockDriverState *bs, int64_t cow_start, int64_t cow_end,
     BDRVAddCowState *s = bs->opaque;
     int64_t head = offset - cow_start;
     int64_t tail = cow_end - (offset + bytes);
-    g_autofree void *zero_buf = NULL;
     QEMUIOVector local;
     void *head_buf = NULL, *tail_buf = NULL;
     int ret;
 
     trace_add_cow_alloc_write(bs, offset, bytes, cow_start, cow_end);
 
-    if (!head && !tail && qiov) {
+    if (!head && !tail) {
         BLKDBG_CO_EVENT(bs->file, BLKDBG_WRITE_AIO);
         return bdrv_co_pwritev_part(s->image, offset, bytes, qiov,
                                     qiov_offset, 0);
     }
 
-    qemu_iovec_init(&local, (qiov ? qiov->niov : 1) + 2);
+    qemu_iovec_init(&local, qiov->niov + 2);
     if (head && tail && bytes <= ADD_COW_COW_MERGE_GAP) {
         /*
          * Both ends need copy-on-write and the guest data between them is
@@ -863,12 +861,7 @@ add_cow_write_alloc(BlockDriverState *bs, int64_t cow_start, int64_t cow_end,
             goto out;
         }
         qemu_iovec_add(&local, head_buf, head);
-        if (qiov) {
-            qemu_iovec_concat(&local, qiov, qiov_offset, bytes);
-        } else {
-            memset((uint8_t *)head_buf + head, 0, bytes);
-            qemu_iovec_add(&local, (uint8_t *)head_buf + head, bytes);
-        }
+        qemu_iovec_concat(&local, qiov, qiov_offset, bytes);
         qemu_iovec_add(&local, (uint8_t *)head_buf + head + bytes, tail);
         goto write;
     }
@@ -884,12 +877,7 @@ add_cow_write_alloc(BlockDriverState *bs, int64_t cow_start, int64_t cow_end,
         }
         qemu_iovec_add(&local, head_buf, head);
     }
-    if (qiov) {
-        qemu_iovec_concat(&local, qiov, qiov_offset, bytes);
-    } else {
-        zero_buf = g_malloc0(bytes);
-        qemu_iovec_add(&local, zero_buf, bytes);
-    }
+    qemu_iovec_concat(&local, qiov, qiov_offset, bytes);
     if (tail) {
         tail_buf = qemu_try_blockalign(s->image->bs, tail);
         if (!tail_buf) {
@@ -1019,8 +1007,11 @@ add_cow_do_write(BlockDriverState *bs, int64_t offset, int64_t bytes,
                     goto out;
                 }
             }
-            if (!qiov && offset == cow_start && offset + n == cow_end) {
-                /* Whole clusters of zeros: no buffer needed */
+            if (!qiov) {
+                /*
+                 * add_cow_co_pwrite_zeroes() only passes whole clusters,
+                 * so there is nothing to copy from the backing file
+                 */
                 ret = bdrv_co_pwrite_zeroes(s->image, offset, n, flags);
             } else {
                 ret = add_cow_write_alloc(bs, cow_start, cow_end, offset, n,
