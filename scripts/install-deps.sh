@@ -37,7 +37,8 @@ if [ -z "$missing" ] && meson_ok; then
     exit 0
 fi
 
-# Derive a bookworm-backports (and deb-src) entry from the existing sources.
+# Derive a bookworm-backports entry from the existing sources.  (No deb-src
+# entry: scripts/fetch-qemu.sh reads the QEMU source from the mirror's pool.)
 add_backports() {
     local out=/etc/apt/sources.list.d/add-cow-backports.sources
     [ -f "$out" ] && return 0
@@ -55,15 +56,9 @@ add_backports() {
         exit 1
     fi
     $SUDO tee "$out" >/dev/null <<SRC
-Types: deb deb-src
+Types: deb
 URIs: $uri
 Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb-src
-URIs: $uri
-Suites: bookworm bookworm-updates
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
