@@ -4,7 +4,7 @@
 # QEMU 10.2.2 (Debian's 1:10.2.2+ds-1 source package).
 
 .PHONY: all build demo check check-generic check-qcow2-quick check-system \
-        check-asan check-crash bench series clean distclean
+        check-asan check-crash bench docs series clean distclean
 
 all: build
 
@@ -44,6 +44,10 @@ check-asan:
 
 bench: build
 	@python3 scripts/bench.py
+
+# QEMU's HTML manual with add-cow, Sphinx warnings as errors (.build/docs)
+docs:
+	@scripts/build-docs.sh
 
 # The change as a git format-patch series against pristine QEMU 10.2.2
 series: build

@@ -4,6 +4,8 @@
 # Install what building QEMU 10.2.2 with add-cow and running its tests needs
 # on Debian 12 (bookworm).  Idempotent and quiet when everything is present.
 #
+# Usage: install-deps.sh [docs]
+#
 # meson >= 1.5 comes from bookworm-backports.  The backports entry is derived
 # from the machine's existing apt sources, so no mirror host is named here.
 
@@ -15,6 +17,10 @@ PKGS="build-essential pkg-config ninja-build python3 python3-venv
  flex bison git perl python3-tomli"
 # For the guest test (issue 8): kernel/busybox are fetched with apt-get download.
 PKGS="$PKGS e2fsprogs"
+# "install-deps.sh docs": also what QEMU's Sphinx manual needs (make docs)
+if [ "${1:-}" = docs ]; then
+    PKGS="$PKGS python3-sphinx python3-sphinx-rtd-theme"
+fi
 
 SUDO=
 if [ "$(id -u)" != 0 ]; then
