@@ -54,7 +54,8 @@ series: build
 	@scripts/make-series.sh
 
 clean:
-	rm -rf .build/build .build/demo .build/iotests-logs .build/iotests-scratch
+	rm -rf .build/build .build/docs .build/demo .build/iotests-logs \
+	    .build/iotests-scratch
 
 distclean:
 	rm -rf .build .cache out
