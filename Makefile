@@ -4,7 +4,7 @@
 # QEMU 10.2.2 (Debian's 1:10.2.2+ds-1 source package).
 
 .PHONY: all build demo check check-generic check-qcow2-quick check-system \
-        check-asan check-crash bench docs series clean distclean
+        check-asan check-crash check-ops bench docs series clean distclean
 
 all: build
 
@@ -37,6 +37,13 @@ check-system: build
 # cluster size (long)
 check-crash: build
 	@scripts/check-crash.sh
+
+# The differential operation-sequence tester, add-cow against qcow2, for
+# ADD_COW_OPS_MINUTES (default 20) or ADD_COW_OPS_SEQUENCES sequences,
+# then its negative control (a driver mutant it must catch);
+# ADD_COW_OPS_SEED=<seed> replays one sequence (long)
+check-ops: build
+	@scripts/check-ops.sh
 
 # The add-cow iotests against an ASan+UBSan build
 check-asan:
