@@ -25,6 +25,7 @@
 #include "qapi/error.h"
 #include "qemu/bitmap.h"
 #include "qemu/memalign.h"
+#include "qemu/stats64.h"
 #include "block/block-io.h"
 #include "add-cow.h"
 #include "trace.h"
@@ -50,7 +51,8 @@ struct AddCowCache {
     void *buf;                  /* I/O bounce buffer, entry_bytes */
     uint64_t lru_counter;
     bool depends_on_flush;
-    AddCowBreakOrdering break_ordering;
+    uint64_t nb_allocated;      /* meaningful bits set, in memory */
+    Stat64 allocated_pub;       /* nb_allocated, readable without lock */
 };
 
 static inline uint64_t entry_bits(AddCowCache *c)
@@ -130,11 +132,6 @@ void add_cow_cache_set_image(AddCowCache *c, BdrvChild *image)
     c->image = image;
 }
 
-void add_cow_cache_set_break_ordering(AddCowCache *c, AddCowBreakOrdering mode)
-{
-    c->break_ordering = mode;
-}
-
 bool add_cow_cache_is_dirty(AddCowCache *c)
 {
     int i;
@@ -168,17 +165,7 @@ static int coroutine_fn GRAPH_RDLOCK cache_flush_dependency(AddCowCache *c)
     }
     trace_add_cow_cache_image_flush(c);
     BLKDBG_CO_EVENT(c->meta, BLKDBG_IMAGE_FLUSH);
-    switch (c->break_ordering) {
-    case ADD_COW_BREAK_SKIP_IMAGE_FLUSH:
-        ret = 0;
-        break;
-    case ADD_COW_BREAK_FLUSH_METADATA:
-        ret = bdrv_co_flush(c->meta->bs);
-        break;
-    default:
-        ret = c->image ? bdrv_co_flush(c->image->bs) : 0;
-        break;
-    }
+    ret = c->image ? bdrv_co_flush(c->image->bs) : 0;
     if (ret < 0) {
         return ret;
     }
@@ -379,16 +366,69 @@ add_cow_cache_set(AddCowCache *c, uint64_t cluster, uint64_t count,
         if (ret < 0) {
             return ret;
         }
+        c->nb_allocated -= bitmap_count_one_with_offset(e->bits,
+                                                         cluster - base, n);
         if (allocated) {
             bitmap_set(e->bits, cluster - base, n);
             c->depends_on_flush = true;
+            c->nb_allocated += n;
         } else {
             bitmap_clear(e->bits, cluster - base, n);
         }
+        stat64_set(&c->allocated_pub, c->nb_allocated);
         entry_mark_dirty(c, e, cluster - base, n);
         cluster += n;
     }
     return 0;
+}
+
+/*
+ * Count the meaningful bits that are set: cached entries are
+ * authoritative, the rest is read from disk (through the bounce buffer, so
+ * nothing is loaded or evicted).  Done at open and after a shrink; every
+ * add_cow_cache_set() keeps the count up to date in between.
+ */
+int coroutine_fn GRAPH_RDLOCK add_cow_cache_recount(AddCowCache *c)
+{
+    g_autofree unsigned long *bits = bitmap_new(entry_bits(c));
+    uint64_t count = 0;
+    int64_t index;
+    int i, ret;
+
+    for (index = 0; index * entry_bits(c) < c->nb_clusters; index++) {
+        uint32_t disk_bytes = entry_disk_bytes(c, index);
+        uint64_t valid = entry_valid_bits(c, index);
+        const unsigned long *src = NULL;
+        uint8_t *buf = cache_buf(c);
+
+        for (i = 0; i < c->nb_entries; i++) {
+            if (c->entries[i].index == index) {
+                src = c->entries[i].bits;
+                break;
+            }
+        }
+        if (!src) {
+            memset(buf, 0, c->entry_bytes);
+            ret = bdrv_co_pread(c->meta,
+                                c->bitmap_offset + index * c->entry_bytes,
+                                disk_bytes, buf, 0);
+            if (ret < 0) {
+                return ret;
+            }
+            bitmap_from_le(bits, (unsigned long *)buf, entry_bits(c));
+            src = bits;
+        }
+        count += bitmap_count_one(src, valid);
+    }
+    c->nb_allocated = count;
+    stat64_set(&c->allocated_pub, count);
+    return 0;
+}
+
+/* Meaningful bits set; may be called without the driver's lock */
+uint64_t add_cow_cache_count(AddCowCache *c)
+{
+    return stat64_get(&c->allocated_pub);
 }
 
 /*
@@ -415,18 +455,6 @@ uint32_t add_cow_cache_entry_bytes(AddCowCache *c)
     return c->entry_bytes;
 }
 
-/* The bits of entry @index if it is cached, else NULL; no I/O */
-const unsigned long *add_cow_cache_lookup(AddCowCache *c, int64_t index)
-{
-    int i;
-
-    for (i = 0; i < c->nb_entries; i++) {
-        if (c->entries[i].index == index) {
-            return c->entries[i].bits;
-        }
-    }
-    return NULL;
-}
 
 /* Forget every entry without writing it (after the bitmap was rewritten) */
 void add_cow_cache_discard_all(AddCowCache *c)
@@ -439,13 +467,53 @@ void add_cow_cache_discard_all(AddCowCache *c)
     }
 }
 
+/* The bitmap on disk was zeroed (emptying the image) */
+void add_cow_cache_clear_all(AddCowCache *c)
+{
+    add_cow_cache_discard_all(c);
+    c->nb_allocated = 0;
+    stat64_set(&c->allocated_pub, 0);
+}
+
 /*
- * Change the number of clusters.  Growing clears the bits of the new
- * clusters on disk before returning (stale bits may remain there from an
- * earlier shrink, and must never become visible); the caller writes the
- * header with the new size only afterwards.  Shrinking just drops the bits
- * past the new end from the cache; they are cleared on the next write-back
- * of that entry.  Dirty entries are written first, under the old geometry.
+ * Shrink the geometry to @nb_clusters without I/O: the bits past the new
+ * end are dropped from the cached entries, and entries past it are
+ * forgotten.  The caller wrote the cache back before and clears those
+ * bits on disk itself (they are padding there, which reads ignore).
+ */
+void add_cow_cache_truncate(AddCowCache *c, uint64_t nb_clusters)
+{
+    uint64_t valid;
+    int i;
+
+    c->nb_clusters = MIN(c->nb_clusters, nb_clusters);
+    for (i = 0; i < c->nb_entries; i++) {
+        AddCowCacheEntry *e = &c->entries[i];
+
+        if (e->index < 0) {
+            continue;
+        }
+        valid = entry_valid_bits(c, e->index);
+        if (!valid) {
+            c->nb_allocated -= bitmap_count_one(e->bits, entry_bits(c));
+            e->index = -1;
+            e->dirty = false;
+        } else if (valid < entry_bits(c)) {
+            c->nb_allocated -= bitmap_count_one_with_offset(e->bits, valid,
+                                                 entry_bits(c) - valid);
+            bitmap_clear(e->bits, valid, entry_bits(c) - valid);
+        }
+    }
+    c->last = NULL;
+    stat64_set(&c->allocated_pub, c->nb_allocated);
+}
+
+/*
+ * Grow to @nb_clusters.  The bits of the new clusters are cleared on disk
+ * before this returns (stale bits may remain there from an earlier shrink,
+ * and must never become visible); the caller writes the header with the
+ * new size only afterwards.  Dirty entries are written first, under the
+ * old geometry.  On failure the old geometry stays.
  */
 int coroutine_fn GRAPH_RDLOCK
 add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters)
@@ -453,41 +521,14 @@ add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters)
     uint64_t old = c->nb_clusters;
     int64_t first, last;
     AddCowCacheEntry *e;
-    int i, ret;
+    int ret;
 
     ret = add_cow_cache_write(c);
     if (ret < 0) {
         return ret;
     }
-
     if (nb_clusters <= old) {
-        uint64_t valid;
-
-        c->nb_clusters = nb_clusters;
-        for (i = 0; i < c->nb_entries; i++) {
-            e = &c->entries[i];
-            if (e->index < 0) {
-                continue;
-            }
-            valid = entry_valid_bits(c, e->index);
-            if (valid < entry_bits(c)) {
-                bitmap_clear(e->bits, valid, entry_bits(c) - valid);
-                entry_mark_dirty(c, e, valid, entry_bits(c) - valid);
-            }
-        }
-        /*
-         * The entry holding the new end may not be cached: loading it
-         * masks the bits past the end, marking it dirty writes them as 0.
-         * Later entries lie past the new bitmap and need no clearing.
-         */
-        if (nb_clusters % entry_bits(c)) {
-            ret = cache_get(c, nb_clusters / entry_bits(c), &e);
-            if (ret < 0) {
-                return ret;
-            }
-            valid = entry_valid_bits(c, e->index);
-            entry_mark_dirty(c, e, valid, entry_bits(c) - valid);
-        }
+        add_cow_cache_truncate(c, nb_clusters);
         return 0;
     }
 

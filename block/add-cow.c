@@ -50,21 +50,8 @@ static QemuOptsList add_cow_runtime_opts = {
             .type = QEMU_OPT_SIZE,
             .help = "Maximum bitmap cache size",
         },
-        {
-            .name = ADD_COW_OPT_BREAK_ORDERING,
-            .type = QEMU_OPT_STRING,
-            .help = "Test only: break the write ordering (skip-image-flush, "
-                    "flush-metadata, bit-before-data)",
-        },
         { /* end of list */ }
     },
-};
-
-static const char *const add_cow_break_names[] = {
-    [ADD_COW_BREAK_NONE] = "none",
-    [ADD_COW_BREAK_SKIP_IMAGE_FLUSH] = "skip-image-flush",
-    [ADD_COW_BREAK_FLUSH_METADATA] = "flush-metadata",
-    [ADD_COW_BREAK_BIT_BEFORE_DATA] = "bit-before-data",
 };
 
 static int add_cow_probe(const uint8_t *buf, int buf_size,
@@ -119,6 +106,18 @@ static void add_cow_header_cpu_to_le(const AddCowHeader *cpu,
 static bool add_cow_all_allocated(BDRVAddCowState *s)
 {
     return s->header.autoclear_features & ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
+}
+
+/*
+ * Unallocated clusters may read non-zero data: a backing file is attached,
+ * or the header names one (a node opened with "backing": null must not
+ * make zero writes that the next normal open would not see).
+ */
+static bool add_cow_has_backing(BlockDriverState *bs)
+{
+    BDRVAddCowState *s = bs->opaque;
+
+    return bs->backing || s->header.backing_name_size;
 }
 
 /* A format field must be a non-empty NUL-terminated string */
@@ -303,22 +302,6 @@ add_cow_read_name(BlockDriverState *bs, const char *what, uint32_t offset,
 }
 
 /*
- * Image file names in a header are plain file names.  A "json:" or
- * "protocol:" string would be parsed by the block layer and could make
- * QEMU open arbitrary nodes (the CVE-2024-4467 class), so refuse them
- * outright instead of relying on the open path to ignore the prefix.
- */
-static int add_cow_check_image_name(const char *name, Error **errp)
-{
-    if (strstart(name, "json:", NULL) || path_has_protocol(name)) {
-        error_setg(errp, "The image file name '%s' in the add-cow header "
-                   "is not a plain file name", name);
-        return -EINVAL;
-    }
-    return 0;
-}
-
-/*
  * Write the fixed header and flush the .add-cow file.  Sector 0 is
  * rewritten as a whole (one sector-atomic write): after a crash it is
  * either completely old or completely new.  Names that share the sector
@@ -349,6 +332,98 @@ static void add_cow_set_geometry(BDRVAddCowState *s)
     s->nb_clusters = DIV_ROUND_UP(s->header.virtual_size, s->cluster_size);
 }
 
+/*
+ * Write @h and make it the in-memory header.  A failed write may or may not
+ * have reached the disk: the names of @h stay reserved until a header write
+ * succeeds (see add_cow_find_name_space()), and the caller keeps its
+ * in-memory state, which describes the old header, consistent.
+ */
+static int coroutine_mixed_fn GRAPH_RDLOCK
+add_cow_update_header(BlockDriverState *bs, const AddCowHeader *h)
+{
+    BDRVAddCowState *s = bs->opaque;
+    int ret = add_cow_write_header(bs, h);
+
+    if (ret < 0) {
+        s->unsure_header = *h;
+        s->header_unsure = true;
+        return ret;
+    }
+    s->header = *h;
+    s->header_unsure = false;
+    return 0;
+}
+
+/*
+ * Unknown autoclear bits describe state this writer would not maintain:
+ * they are cleared before anything is written.  A read-write open does it
+ * at once; a node opened read-only and reopened read-write (commit, stream)
+ * does it here, at its first write.  Caller holds s->lock, or has the node
+ * to itself (open, drained).
+ */
+static int coroutine_mixed_fn GRAPH_RDLOCK
+add_cow_clear_unknown_autoclear(BlockDriverState *bs)
+{
+    BDRVAddCowState *s = bs->opaque;
+    AddCowHeader h = s->header;
+
+    if (likely(!(h.autoclear_features & ~ADD_COW_AUTOCLEAR_MASK))) {
+        return 0;
+    }
+    h.autoclear_features &= ADD_COW_AUTOCLEAR_MASK;
+    return add_cow_update_header(bs, &h);
+}
+
+/*
+ * The path of the header name @name for an add-cow file at @base: names are
+ * plain file names, relative ones resolved against the add-cow file's
+ * directory.  A relative result starts with "./", so that nothing in the
+ * block layer takes a colon in it for a protocol prefix.
+ */
+static char *add_cow_name_path(const char *base, const char *name)
+{
+    g_autofree char *dir = NULL;
+
+    if (path_is_absolute(name)) {
+        return g_strdup(name);
+    }
+    dir = g_path_get_dirname(base);
+    return g_build_filename(dir, name, NULL);
+}
+
+/* The local file below @bs, seen through raw format nodes, or NULL */
+static BlockDriverState *add_cow_local_file(BlockDriverState *bs)
+{
+    while (bs && bs->drv && !strcmp(bs->drv->format_name, "raw") &&
+           bs->file) {
+        bs = bs->file->bs;
+    }
+    if (!bs || !bs->drv || strcmp(bs->drv->format_name, "file")) {
+        return NULL;
+    }
+    return bs;
+}
+
+/*
+ * Are @a and @b the same node or the same local file (device and inode)?
+ * Writing guest data into the .add-cow file would destroy the header.
+ */
+static bool add_cow_same_file(BlockDriverState *a, BlockDriverState *b)
+{
+    BlockDriverState *fa = add_cow_local_file(a);
+    BlockDriverState *fb = add_cow_local_file(b);
+    struct stat sa, sb;
+
+    if (a == b || (fa && fa == fb)) {
+        return true;
+    }
+    if (!fa || !fb || stat(fa->filename, &sa) < 0 ||
+        stat(fb->filename, &sb) < 0) {
+        return false;
+    }
+    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
 static int coroutine_fn GRAPH_UNLOCKED
 add_cow_open_image(BlockDriverState *bs, QDict *options, Error **errp)
 {
@@ -364,6 +439,7 @@ add_cow_open_image(BlockDriverState *bs, QDict *options, Error **errp)
         return -EINVAL;
     }
     if (s->image) {
+        s->image_overridden = true;
         return 0;
     }
 
@@ -394,13 +470,37 @@ add_cow_open_image(BlockDriverState *bs, QDict *options, Error **errp)
     return 0;
 }
 
+/*
+ * The image file must not be the .add-cow file: guest data would overwrite
+ * the header and the bitmap.
+ */
+static int GRAPH_RDLOCK add_cow_check_image(BlockDriverState *bs,
+                                            Error **errp)
+{
+    BDRVAddCowState *s = bs->opaque;
+    BlockDriverState *p;
+
+    if (s->image && add_cow_same_file(bs->file->bs, s->image->bs)) {
+        error_setg(errp, "The image file '%s' of '%s' is the add-cow file "
+                   "itself", s->image_name, bs->file->bs->filename);
+        return -EINVAL;
+    }
+    /* A backing chain that comes back to this file would never end */
+    for (p = bs->inherits_from; p; p = p->inherits_from) {
+        if (p->file && add_cow_same_file(p->file->bs, bs->file->bs)) {
+            error_setg(errp, "Backing chain loop: '%s' is part of its own "
+                       "backing chain", bs->file->bs->filename);
+            return -ELOOP;
+        }
+    }
+    return 0;
+}
+
 static int add_cow_parse_runtime(BlockDriverState *bs, QDict *options,
                                  Error **errp)
 {
     BDRVAddCowState *s = bs->opaque;
     g_autoptr(QemuOpts) opts = NULL;
-    const char *brk;
-    int i;
 
     opts = qemu_opts_create(&add_cow_runtime_opts, NULL, 0, &error_abort);
     if (!qemu_opts_absorb_qdict(opts, options, errp)) {
@@ -411,23 +511,6 @@ static int add_cow_parse_runtime(BlockDriverState *bs, QDict *options,
     if (s->cache_size > INT64_MAX / 2) {
         error_setg(errp, "add-cow cache-size is too large");
         return -EINVAL;
-    }
-    s->break_ordering = ADD_COW_BREAK_NONE;
-    brk = qemu_opt_get(opts, ADD_COW_OPT_BREAK_ORDERING);
-    if (brk) {
-        for (i = 0; i < ARRAY_SIZE(add_cow_break_names); i++) {
-            if (!strcmp(brk, add_cow_break_names[i])) {
-                s->break_ordering = i;
-                break;
-            }
-        }
-        if (i == ARRAY_SIZE(add_cow_break_names)) {
-            error_setg(errp, "Invalid value '%s' for add-cow option "
-                       ADD_COW_OPT_BREAK_ORDERING, brk);
-            return -EINVAL;
-        }
-        warn_report("add-cow: write ordering deliberately broken (%s); "
-                    "for testing only", brk);
     }
     return 0;
 }
@@ -476,10 +559,6 @@ add_cow_do_open(BlockDriverState *bs, QDict *options, int flags,
     if (ret < 0) {
         return ret;
     }
-    ret = add_cow_check_image_name(s->image_name, errp);
-    if (ret < 0) {
-        return ret;
-    }
     /*
      * Only raw image files, as for qcow2's data file: any other format
      * could name further files (even this one) from inside an untrusted
@@ -523,6 +602,9 @@ add_cow_do_open(BlockDriverState *bs, QDict *options, int flags,
         bdrv_graph_co_rdunlock();
         ret = add_cow_open_image(bs, options, errp);
         bdrv_graph_co_rdlock();
+        if (ret == 0) {
+            ret = add_cow_check_image(bs, errp);
+        }
         if (ret < 0) {
             return ret;
         }
@@ -536,14 +618,15 @@ add_cow_do_open(BlockDriverState *bs, QDict *options, int flags,
     s->cache = add_cow_cache_create(bs->file, s->image,
                                     s->header.bitmap_offset, s->nb_clusters,
                                     entry_bytes, s->cache_size);
-    add_cow_cache_set_break_ordering(s->cache, s->break_ordering);
     QLIST_INIT(&s->inflight);
+    ret = add_cow_cache_recount(s->cache);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Could not read the add-cow bitmap");
+        return ret;
+    }
 
-    /* Unknown autoclear bits describe state we would not maintain */
-    if ((flags & BDRV_O_RDWR) && !(flags & BDRV_O_INACTIVE) &&
-        (s->header.autoclear_features & ~ADD_COW_AUTOCLEAR_MASK)) {
-        s->header.autoclear_features &= ADD_COW_AUTOCLEAR_MASK;
-        ret = add_cow_write_header(bs, &s->header);
+    if ((flags & BDRV_O_RDWR) && !(flags & BDRV_O_INACTIVE)) {
+        ret = add_cow_clear_unknown_autoclear(bs);
         if (ret < 0) {
             error_setg_errno(errp, -ret, "Could not clear unknown autoclear "
                              "features");
@@ -894,23 +977,24 @@ add_cow_write_alloc(BlockDriverState *bs, int64_t cow_start, int64_t cow_end,
 write:
 
     BLKDBG_CO_EVENT(bs->file, BLKDBG_COW_WRITE);
-    if (local.niov > IOV_MAX) {
-        /* Too many segments for one request: write the pieces in turn */
-        size_t done = 0;
-        int64_t piece;
-
-        while (done < local.size) {
-            piece = MIN(local.size - done, 1024 * 1024);
-            ret = bdrv_co_pwritev_part(s->image, cow_start + done, piece,
-                                       &local, done, 0);
-            if (ret < 0) {
-                goto out;
-            }
-            done += piece;
-        }
-        ret = 0;
-    } else {
+    if (local.niov <= IOV_MAX) {
         ret = bdrv_co_pwritev(s->image, cow_start, local.size, &local, 0);
+    } else {
+        /*
+         * The guest request alone may use up to IOV_MAX entries: write the
+         * fill areas and the guest data separately (as qcow2 does when it
+         * cannot merge them).  All of it precedes the bits anyway.
+         */
+        ret = bdrv_co_pwritev_part(s->image, offset, bytes, qiov,
+                                   qiov_offset, 0);
+        if (ret == 0 && head) {
+            ret = bdrv_co_pwrite(s->image, cow_start, head, head_buf, 0);
+        }
+        if (ret == 0 && tail) {
+            ret = bdrv_co_pwrite(s->image, offset + bytes, tail,
+                                 tail_buf ?: (uint8_t *)head_buf + head +
+                                 bytes, 0);
+        }
     }
 
 out:
@@ -926,13 +1010,8 @@ add_cow_mark_allocated(BDRVAddCowState *s, int64_t offset, int64_t end)
 {
     uint64_t first = offset >> s->header.cluster_bits;
     uint64_t last = (end - 1) >> s->header.cluster_bits;
-    int ret;
 
-    ret = add_cow_cache_set(s->cache, first, last - first + 1, true);
-    if (ret == 0 && s->break_ordering == ADD_COW_BREAK_BIT_BEFORE_DATA) {
-        ret = add_cow_cache_write(s->cache);
-    }
-    return ret;
+    return add_cow_cache_set(s->cache, first, last - first + 1, true);
 }
 
 /*
@@ -956,6 +1035,11 @@ add_cow_do_write(BlockDriverState *bs, int64_t offset, int64_t bytes,
     int ret;
 
     qemu_co_mutex_lock(&s->lock);
+    ret = add_cow_clear_unknown_autoclear(bs);
+    if (ret < 0) {
+        qemu_co_mutex_unlock(&s->lock);
+        return ret;
+    }
     for (;;) {
         n = add_cow_find_run(s, offset, bytes, &allocated);
         if (n < 0) {
@@ -998,15 +1082,6 @@ add_cow_do_write(BlockDriverState *bs, int64_t offset, int64_t bytes,
             int64_t cow_end = MIN(ROUND_UP(offset + n, s->cluster_size),
                                   (int64_t)s->header.virtual_size);
 
-            if (s->break_ordering == ADD_COW_BREAK_BIT_BEFORE_DATA) {
-                qemu_co_mutex_lock(&s->lock);
-                ret = add_cow_mark_allocated(s, cow_start, cow_end);
-                qemu_co_mutex_unlock(&s->lock);
-                if (ret < 0) {
-                    qemu_co_mutex_lock(&s->lock);
-                    goto out;
-                }
-            }
             if (!qiov) {
                 /*
                  * add_cow_co_pwrite_zeroes() only passes whole clusters,
@@ -1017,8 +1092,7 @@ add_cow_do_write(BlockDriverState *bs, int64_t offset, int64_t bytes,
                 ret = add_cow_write_alloc(bs, cow_start, cow_end, offset, n,
                                           qiov, qiov_offset);
             }
-            if (ret == 0 && s->break_ordering !=
-                ADD_COW_BREAK_BIT_BEFORE_DATA) {
+            if (ret == 0) {
                 /* The data is written: now the bits may be set */
                 qemu_co_mutex_lock(&s->lock);
                 ret = add_cow_mark_allocated(s, cow_start, cow_end);
@@ -1065,7 +1139,7 @@ add_cow_co_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
          end != s->header.virtual_size)) {
         return -ENOTSUP;
     }
-    if (!bs->backing && !(flags & BDRV_REQ_NO_FALLBACK)) {
+    if (!add_cow_has_backing(bs) && !(flags & BDRV_REQ_NO_FALLBACK)) {
         bool allocated;
         int64_t n;
 
@@ -1085,9 +1159,11 @@ add_cow_co_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
 /*
  * Discard whole clusters.
  *
- * With a backing file (or the all-allocated flag) the bits stay: clearing
- * them would make older backing data reappear, and the flag needs a full
- * bitmap.  Only the image file drops the data (a hole reads zeros).
+ * With a backing file (named in the header or attached at runtime) or the
+ * all-allocated flag, the clusters become zero writes (unmapped in the
+ * image file where it can): clearing their bits would make older backing
+ * data reappear, and the flag needs a full bitmap.  They read zeros
+ * afterwards, as qcow2's zero clusters do.
  *
  * Without a backing file the clusters become unallocated, following the
  * spec's order: bits cleared and the bitmap flushed before the image file
@@ -1109,8 +1185,9 @@ add_cow_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
          end != s->header.virtual_size)) {
         return -ENOTSUP;
     }
-    if (bs->backing || add_cow_all_allocated(s)) {
-        return bdrv_co_pdiscard(s->image, offset, bytes);
+    if (add_cow_has_backing(bs) || add_cow_all_allocated(s)) {
+        return add_cow_do_write(bs, offset, bytes, NULL, 0,
+                                BDRV_REQ_MAY_UNMAP);
     }
 
     first = offset >> s->header.cluster_bits;
@@ -1118,7 +1195,10 @@ add_cow_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
     qemu_co_mutex_lock(&s->lock);
     reqlist_wait_all(&s->inflight, offset, bytes, &s->lock);
     reqlist_init_req(&s->inflight, &req, offset, bytes);
-    ret = add_cow_cache_set(s->cache, first, count, false);
+    ret = add_cow_clear_unknown_autoclear(bs);
+    if (ret == 0) {
+        ret = add_cow_cache_set(s->cache, first, count, false);
+    }
     if (ret == 0) {
         ret = add_cow_cache_write(s->cache);
     }
@@ -1201,45 +1281,60 @@ add_cow_co_get_info(BlockDriverState *bs, BlockDriverInfo *bdi)
     return 0;
 }
 
+
 /*
- * Count the set bits of the bitmap without flushing anything: entries in
- * the cache are authoritative, the rest is read from disk.
+ * Where the image file is: its node, or, when it is not open (qemu-img
+ * info opens images with BDRV_O_NO_IO, and must not open files that an
+ * untrusted header names), the path the header's name resolves to.
  */
-static int64_t GRAPH_RDLOCK add_cow_count_allocated(BlockDriverState *bs)
+static char * GRAPH_RDLOCK add_cow_image_path(BlockDriverState *bs)
 {
     BDRVAddCowState *s = bs->opaque;
-    uint32_t chunk = add_cow_cache_entry_bytes(s->cache);
-    g_autofree unsigned long *bits = bitmap_new(chunk * 8);
-    g_autofree unsigned long *buf = bitmap_new(chunk * 8);
-    const unsigned long *cached;
-    uint64_t pos, nbits, count = 0;
-    int64_t index;
-    int ret;
+    g_autofree char *dir = NULL;
 
-    if (add_cow_all_allocated(s)) {
-        return s->nb_clusters;
+    if (s->image) {
+        return g_strdup(s->image->bs->filename);
     }
-    for (pos = 0; pos * 8 < s->nb_clusters; pos += chunk) {
-        uint64_t len = MIN(chunk, s->header.bitmap_size - pos);
+    if (path_is_absolute(s->image_name)) {
+        return g_strdup(s->image_name);
+    }
+    dir = bdrv_dirname(bs->file->bs, NULL);
+    return dir ? g_strconcat(dir, s->image_name, NULL) : NULL;
+}
 
-        index = pos / chunk;
-        nbits = MIN((uint64_t)chunk * 8, s->nb_clusters - pos * 8);
-        memset(buf, 0, chunk);
-        ret = bdrv_pread(bs->file, s->header.bitmap_offset + pos, len, buf,
-                         0);
-        if (ret < 0) {
-            return ret;
-        }
-        /* Looked up after the read, which may have let the cache change */
-        cached = add_cow_cache_lookup(s->cache, index);
-        if (cached) {
-            count += bitmap_count_one(cached, nbits);
-        } else {
-            bitmap_from_le(bits, buf, chunk * 8);
-            count += bitmap_count_one(bits, nbits);
-        }
+/*
+ * Bytes the image file takes on disk when it is not open, or -errno:
+ * stat() only, which neither opens nor blocks on what the header names
+ */
+static int64_t GRAPH_RDLOCK add_cow_stat_image(BlockDriverState *bs)
+{
+    g_autofree char *path = NULL;
+    struct stat st;
+
+    if (!add_cow_local_file(bs->file->bs)) {
+        return -ENOTSUP;
     }
-    return count;
+    path = add_cow_image_path(bs);
+    if (!path || stat(path, &st) < 0) {
+        return -errno;
+    }
+    return S_ISREG(st.st_mode) ? (int64_t)st.st_blocks * 512 : -ENOTSUP;
+}
+
+/* The disk takes the .add-cow file and the image file */
+static int64_t coroutine_fn GRAPH_RDLOCK
+add_cow_co_get_allocated_file_size(BlockDriverState *bs)
+{
+    BDRVAddCowState *s = bs->opaque;
+    int64_t meta = bdrv_co_get_allocated_file_size(bs->file->bs);
+    int64_t image = s->image ?
+                    bdrv_co_get_allocated_file_size(s->image->bs) :
+                    add_cow_stat_image(bs);
+
+    if (meta < 0 || image < 0) {
+        return meta;
+    }
+    return meta + image;
 }
 
 static ImageInfoSpecific * GRAPH_RDLOCK
@@ -1248,21 +1343,24 @@ add_cow_get_specific_info(BlockDriverState *bs, Error **errp)
     BDRVAddCowState *s = bs->opaque;
     ImageInfoSpecific *spec = g_new0(ImageInfoSpecific, 1);
     ImageInfoSpecificAddCow *info = g_new0(ImageInfoSpecificAddCow, 1);
-    int64_t allocated = -1;
-
-    /* Counting reads the whole bitmap: skip it for huge ones */
-    if (s->header.bitmap_size <= 64 * 1024 * 1024) {
-        allocated = add_cow_count_allocated(bs);
-    }
+    int64_t disk_size = s->image ?
+                        bdrv_get_allocated_file_size(s->image->bs) :
+                        add_cow_stat_image(bs);
+    /* Kept up to date by the cache: no bitmap I/O, no lock needed */
+    uint64_t allocated = add_cow_all_allocated(s) ? s->nb_clusters :
+                         add_cow_cache_count(s->cache);
 
     *info = (ImageInfoSpecificAddCow) {
         .image_file = g_strdup(s->image_name),
+        .image_file_path = add_cow_image_path(bs),
+        .has_image_file_disk_size = disk_size >= 0,
+        .image_file_disk_size = MAX(disk_size, 0),
         .image_format = g_strdup(s->header.image_format),
         .backing_format = s->header.backing_format[0] ?
                           g_strdup(s->header.backing_format) : NULL,
         .cluster_size = s->cluster_size,
-        .has_allocated_clusters = allocated >= 0,
-        .allocated_clusters = MAX(allocated, 0),
+        .has_allocated_clusters = true,
+        .allocated_clusters = allocated,
         .total_clusters = s->nb_clusters,
         .all_allocated = add_cow_all_allocated(s),
     };
@@ -1271,37 +1369,52 @@ add_cow_get_specific_info(BlockDriverState *bs, Error **errp)
     return spec;
 }
 
-/*
- * Find @size free bytes in the name area that overlap neither name, so a
- * name can be replaced without ever making the header point at a torn one.
- */
-static uint32_t add_cow_find_name_space(BDRVAddCowState *s, uint32_t size)
+/* Does [@pos, @pos + @size) overlap a name that @h points to? */
+static uint32_t add_cow_name_conflict(const AddCowHeader *h, uint32_t pos,
+                                      uint32_t size)
 {
-    uint32_t pos = ADD_COW_NAME_AREA_START;
-    const AddCowHeader *h = &s->header;
-
-    while (pos + size <= h->header_size) {
-        if (ranges_overlap(pos, size, h->image_name_offset,
-                           h->image_name_size)) {
-            pos = h->image_name_offset + h->image_name_size;
-        } else if (h->backing_name_size &&
-                   ranges_overlap(pos, size, h->backing_name_offset,
-                                  h->backing_name_size)) {
-            pos = h->backing_name_offset + h->backing_name_size;
-        } else {
-            return pos;
-        }
+    if (ranges_overlap(pos, size, h->image_name_offset, h->image_name_size)) {
+        return h->image_name_offset + h->image_name_size;
+    }
+    if (h->backing_name_size &&
+        ranges_overlap(pos, size, h->backing_name_offset,
+                       h->backing_name_size)) {
+        return h->backing_name_offset + h->backing_name_size;
     }
     return 0;
 }
 
 /*
- * Before the backing file is dropped: every unallocated cluster would read
- * zeros without it, so write zeros there in the image file (a hole where
+ * Find @size free bytes in the name area that overlap no name the header on
+ * disk may point to, so a name can be replaced without ever making the
+ * header point at a torn one.  After a failed header write the disk may
+ * hold either header, so the names of both are kept.
+ */
+static uint32_t add_cow_find_name_space(BDRVAddCowState *s, uint32_t size)
+{
+    uint32_t pos = ADD_COW_NAME_AREA_START;
+    uint32_t next;
+
+    while (pos + size <= s->header.header_size) {
+        next = add_cow_name_conflict(&s->header, pos, size);
+        if (!next && s->header_unsure) {
+            next = add_cow_name_conflict(&s->unsure_header, pos, size);
+        }
+        if (!next) {
+            return pos;
+        }
+        pos = next;
+    }
+    return 0;
+}
+
+/*
+ * For image_file_raw=on, on an image without backing file: unallocated
+ * clusters read zeros, so write zeros there in the image file (a hole where
  * the image file supports it) and mark those clusters allocated.  Order:
  * zeros written, image file flushed (the cache does that before it writes
  * a set bit), bits written, .add-cow file flushed; only then may the caller
- * set the all-allocated flag in s->header and write sector 0.
+ * write sector 0 with the all-allocated flag.
  * Caller holds s->lock.
  */
 static int coroutine_fn GRAPH_RDLOCK
@@ -1350,44 +1463,90 @@ add_cow_fill_unallocated(BlockDriverState *bs)
     if (ret < 0) {
         return ret;
     }
-    ret = bdrv_co_flush(bs->file->bs);
-    if (ret < 0) {
-        return ret;
+    return bdrv_co_flush(bs->file->bs);
+}
+
+/*
+ * Store @name as the image file name (@backing false) or the backing file
+ * name (@backing true, NULL to drop it) of header @h, in free bytes of
+ * the name area (add_cow_find_name_space()), flushed, so that the sector-0
+ * write of @h that the caller makes next points at a stable name.
+ */
+static int coroutine_mixed_fn GRAPH_RDLOCK
+add_cow_write_name(BlockDriverState *bs, AddCowHeader *h, bool backing,
+                   const char *name)
+{
+    BDRVAddCowState *s = bs->opaque;
+    size_t len = name ? strlen(name) : 0;
+    uint32_t pos = 0;
+    int ret;
+
+    if (len > ADD_COW_MAX_NAME_SIZE) {
+        return -ENAMETOOLONG;
     }
-    s->header.autoclear_features |= ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
+    if (len) {
+        pos = add_cow_find_name_space(s, len);
+        if (!pos) {
+            return -ENOSPC;
+        }
+        ret = bdrv_pwrite(bs->file, pos, len, name, 0);
+        if (ret == 0) {
+            ret = bdrv_flush(bs->file->bs);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    if (backing) {
+        h->backing_name_offset = pos;
+        h->backing_name_size = len;
+    } else {
+        h->image_name_offset = pos;
+        h->image_name_size = len;
+    }
     return 0;
+}
+
+/* Would the backing file name @name make @bs its own backing file? */
+static bool GRAPH_RDLOCK
+add_cow_names_itself(BlockDriverState *bs, const char *name)
+{
+    BlockDriverState *local = add_cow_local_file(bs->file->bs);
+    g_autofree char *path = NULL;
+    struct stat sa, sb;
+
+    if (!local || strstart(name, "json:", NULL) || path_has_protocol(name)) {
+        return false;
+    }
+    path = bdrv_get_full_backing_filename_from_filename(local->filename,
+                                                        name, NULL);
+    return path && stat(path, &sa) == 0 && stat(local->filename, &sb) == 0 &&
+           sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
 /*
  * Change the backing file name and format (qemu-img rebase, block-stream,
- * block-commit of the layer below).
+ * block-commit, QMP change-backing-file).  This is a metadata update only,
+ * as the block layer assumes (it may still have the old backing node
+ * attached, as in stream_prepare()): no bit and no guest data changes.
+ * Without a backing file, unallocated clusters read as zeros, as in qcow2;
+ * making the image file a standalone raw disk is the separate "qemu-img
+ * amend -o image_file_raw=on".
  *
  * Write order, and why a crash cannot leave an unusable header:
  *
- *  1. The new name is written into bytes of the name area that neither
- *     name of the header on disk uses (add_cow_find_name_space()), and the
- *     .add-cow file is flushed.  The header on disk does not point there,
- *     so a crash during or after this step leaves the old header with both
- *     old names intact: the image still opens over the old backing file.
- *  2. Only then is sector 0 (the 128-byte fixed part, which holds the name
- *     offsets and sizes and the backing format) rewritten with one
- *     sector-sized write and flushed.  The sector is written as a whole, so
- *     after a crash it is either the old one (old backing file) or the new
- *     one, which points at a name that step 1 made stable.  The name and
- *     its format change together because both live in sector 0.
- *
- * The bytes of the old name are never overwritten while the header on disk
- * still points at them: a later rebase avoids them as long as they are in
- * use, and may reuse them once the header has moved away (the spec lets
- * old names stay behind).
- *
- * Removing the backing file (@backing_file NULL, e.g. "rebase -u -b ''" or
- * streaming down to the bottom) would make every unallocated cluster read
- * zeros.  Instead of relying on that, the unallocated clusters are zeroed
- * in the image file and marked allocated, and the all-allocated flag is set
- * in the same sector-0 write that drops the name (see
- * add_cow_fill_unallocated() for that order).  The image file alone is
- * then the whole disk and can be used as a raw image.
+ *  0. Every allocation made so far (e.g. the clusters a safe rebase just
+ *     copied) is made stable, bits included, before the header names
+ *     another backing file; otherwise a crash would let those clusters
+ *     read the new backing file's data.
+ *  1. The new name is written into bytes of the name area that no name of
+ *     the header on disk uses, and the .add-cow file is flushed
+ *     (add_cow_write_name()).  A crash during or after this step leaves the
+ *     old header with both old names intact.
+ *  2. Only then is sector 0 (which holds the name offsets and sizes and the
+ *     backing format) rewritten with one sector-sized write and flushed:
+ *     after a crash it is either the old one or the new one, which points
+ *     at a name that step 1 made stable.
  */
 static int coroutine_fn GRAPH_RDLOCK
 add_cow_co_change_backing_file(BlockDriverState *bs, const char *backing_file,
@@ -1395,76 +1554,49 @@ add_cow_co_change_backing_file(BlockDriverState *bs, const char *backing_file,
 {
     BDRVAddCowState *s = bs->opaque;
     AddCowHeader h;
-    size_t len = backing_file ? strlen(backing_file) : 0;
-    uint32_t pos = 0;
     int ret;
 
-    if (len > ADD_COW_MAX_NAME_SIZE) {
+    if (backing_file && !backing_file[0]) {
+        backing_file = NULL;
+    }
+    if (backing_file && strlen(backing_file) > ADD_COW_MAX_NAME_SIZE) {
         error_report("Backing file name '%s' is too long for add-cow "
                      "(at most %d bytes)", backing_file,
                      ADD_COW_MAX_NAME_SIZE);
         return -EINVAL;
     }
-    if (len && (!backing_fmt || !backing_fmt[0] ||
-                strlen(backing_fmt) >= ADD_COW_FMT_SIZE)) {
+    if (backing_file && (!backing_fmt || !backing_fmt[0] ||
+                         strlen(backing_fmt) >= ADD_COW_FMT_SIZE)) {
         error_report("add-cow needs a backing format of 1 to %d characters",
                      ADD_COW_FMT_SIZE - 1);
         return -EINVAL;
     }
-    if (!s->image) {
-        return -ENOTSUP;
+    if (backing_file && add_cow_names_itself(bs, backing_file)) {
+        error_report("'%s' cannot be the backing file of itself",
+                     backing_file);
+        return -EINVAL;
     }
 
     qemu_co_mutex_lock(&s->lock);
-    /*
-     * Step 0: every allocation made so far (e.g. the clusters a safe
-     * rebase just copied) must be stable, bits included, before the
-     * header names another backing file; otherwise a crash would let
-     * those clusters read the new backing file's data.
-     */
-    ret = add_cow_cache_write(s->cache);
+    ret = add_cow_clear_unknown_autoclear(bs);
+    if (ret == 0) {
+        ret = add_cow_cache_write(s->cache);
+    }
     if (ret == 0) {
         ret = bdrv_co_flush(bs->file->bs);
     }
+    h = s->header;
+    if (ret == 0) {
+        ret = add_cow_write_name(bs, &h, true, backing_file);
+    }
     if (ret < 0) {
         goto out;
     }
-    if (len) {
-        pos = add_cow_find_name_space(s, len);
-        if (!pos) {
-            ret = -ENOSPC;
-            goto out;
-        }
-        /* Step 1: the new name, stable before the header points at it */
-        ret = bdrv_co_pwrite(bs->file, pos, len, backing_file, 0);
-        if (ret < 0) {
-            goto out;
-        }
-        ret = bdrv_co_flush(bs->file->bs);
-        if (ret < 0) {
-            goto out;
-        }
-    } else {
-        /* No backing file from now on: make the image file the disk */
-        ret = add_cow_fill_unallocated(bs);
-        if (ret < 0) {
-            goto out;
-        }
-    }
-
-    /* Step 2: sector 0, written whole and flushed */
-    h = s->header;
-    h.backing_name_offset = pos;
-    h.backing_name_size = len;
     memset(h.backing_format, 0, sizeof(h.backing_format));
-    if (len) {
+    if (backing_file) {
         pstrcpy(h.backing_format, sizeof(h.backing_format), backing_fmt);
     }
-    ret = add_cow_write_header(bs, &h);
-    if (ret < 0) {
-        goto out;
-    }
-    s->header = h;
+    ret = add_cow_update_header(bs, &h);
 
 out:
     qemu_co_mutex_unlock(&s->lock);
@@ -1515,28 +1647,11 @@ add_cow_clear_bits_from(BlockDriverState *bs, uint64_t first, uint64_t end)
 }
 
 /*
- * Resize.  The order follows the spec ("Resize"):
- *
- * Grow: (1) if the old last cluster is partial and allocated, zero the
- * image file bytes between the old end and the end of that cluster (they
- * become visible); (2) extend the image file if it is shorter than the new
- * size (with the requested preallocation); (3) clear on disk every bit
- * between the old and the new number of clusters, which may be stale from
- * an earlier shrink; (4) flush both files; (5) write the header with the
- * new size, clearing the all-allocated flag if clusters were added.  A
- * crash before (5) leaves the old size and nothing visible changed.
- *
- * Shrink: (1) write and flush the header with the new size, so clusters
- * past the new end disappear at once; (2) clear their bits on disk (now
- * padding or past the bitmap) and flush, so that a later grow can never
- * show them again; (3) truncate the image file.  A crash after (1) leaves
- * at most stale padding bits, which readers ignore and which grow clears.
- */
-/*
  * Make [@old_size, @new_size) read zeros in a growing image: the part of
  * an unallocated boundary cluster gets a copy-on-write allocation with a
  * zero tail, whole new clusters are zeroed in the image file and marked
- * allocated.  The cache flushes the image file before it writes the bits.
+ * allocated.  The cache flushes the image file before it writes the bits,
+ * which are padding on disk until the header grows.
  * Called with s->lock held and the bitmap already resized.
  */
 static int coroutine_fn GRAPH_RDLOCK
@@ -1596,6 +1711,160 @@ add_cow_zero_new_area(BlockDriverState *bs, int64_t old_size,
     return add_cow_cache_write(s->cache);
 }
 
+/*
+ * Grow, in the spec's order ("Resize"): (1) if the old last cluster is
+ * partial and allocated, zero the image file bytes between the old end and
+ * the end of that cluster (they become visible); (2) extend the image file
+ * if it is shorter than the new size; (3) clear on disk every bit between
+ * the old and the new number of clusters, which may be stale from an
+ * earlier shrink, and with BDRV_REQ_ZERO_WRITE zero the new area and set
+ * its bits; (4) flush both files; (5) write the header with the new size,
+ * clearing the all-allocated flag if clusters were added.  A crash or a
+ * failure before (5) leaves the old size and nothing visible changed; the
+ * cache goes back to the old geometry.
+ */
+static int coroutine_fn GRAPH_RDLOCK
+add_cow_grow(BlockDriverState *bs, uint64_t offset, int64_t image_len,
+             PreallocMode prealloc, BdrvRequestFlags flags, Error **errp)
+{
+    BDRVAddCowState *s = bs->opaque;
+    uint64_t old_size = s->header.virtual_size;
+    uint64_t nb_clusters = DIV_ROUND_UP(offset, s->cluster_size);
+    AddCowHeader h = s->header;
+    int ret;
+
+    /* (1) stale bytes in the allocated partial last cluster */
+    if (!QEMU_IS_ALIGNED(old_size, s->cluster_size)) {
+        int64_t zend = MIN(MIN(ROUND_UP(old_size, s->cluster_size), offset),
+                           image_len);
+        bool allocated;
+        int64_t n = add_cow_find_run(s, old_size - 1, 1, &allocated);
+
+        ret = n < 0 ? n : 0;
+        if (ret == 0 && allocated && zend > old_size) {
+            ret = bdrv_co_pwrite_zeroes(s->image, old_size, zend - old_size,
+                                        0);
+        }
+        if (ret < 0) {
+            error_setg_errno(errp, -ret, "Could not clear the image file past "
+                             "the old end");
+            return ret;
+        }
+    }
+    /* (2) */
+    if (image_len < offset) {
+        ret = bdrv_co_truncate(s->image, offset, false, prealloc, 0, errp);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    /* (3) the cache writes the boundary entry and zeroes the rest */
+    ret = add_cow_cache_resize(s->cache, nb_clusters);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Could not extend the bitmap");
+        return ret;
+    }
+    /*
+     * (3b) The backing file reaches into the new area (the block layer
+     * asks for BDRV_REQ_ZERO_WRITE): the new area must read zeros as soon
+     * as the new size is visible, so zero it and set its bits now.
+     */
+    if (flags & BDRV_REQ_ZERO_WRITE) {
+        ret = add_cow_zero_new_area(bs, old_size, offset);
+        if (ret < 0) {
+            error_setg_errno(errp, -ret, "Could not zero the new area");
+            goto fail;
+        }
+    }
+    /* (4) */
+    ret = bdrv_co_flush(s->image->bs);
+    if (ret == 0) {
+        ret = bdrv_co_flush(bs->file->bs);
+    }
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Could not flush before the header "
+                         "update");
+        goto fail;
+    }
+    /* (5) */
+    h.virtual_size = offset;
+    h.bitmap_size = add_cow_bitmap_size(nb_clusters);
+    if (nb_clusters > s->nb_clusters) {
+        h.autoclear_features &= ~ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
+    }
+    ret = add_cow_update_header(bs, &h);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Could not write the add-cow header");
+        goto fail;
+    }
+    add_cow_set_geometry(s);
+    return 0;
+
+fail:
+    /* Bits set past the old end are padding on disk; check -r leaks them */
+    add_cow_cache_truncate(s->cache, s->nb_clusters);
+    return ret;
+}
+
+/*
+ * Shrink: (1) write back the cache, so the steps below cannot fail for a
+ * reason of its own; (2) write and flush the header with the new size, so
+ * clusters past the new end disappear at once; (3) clear their bits on
+ * disk (now padding or past the bitmap), so that a later grow can never
+ * show them again; (4) truncate the image file.  The shrink is done once
+ * (2) succeeded: the block layer then takes the new length, so a failure
+ * of (3) or (4) is only reported.  Bits that stay set are padding, which
+ * readers ignore and grow clears; data past the end of the image file is
+ * not part of the disk.
+ */
+static int coroutine_fn GRAPH_RDLOCK
+add_cow_shrink(BlockDriverState *bs, uint64_t offset, int64_t image_len,
+               Error **errp)
+{
+    BDRVAddCowState *s = bs->opaque;
+    uint64_t old_bitmap_size = s->header.bitmap_size;
+    uint64_t nb_clusters = DIV_ROUND_UP(offset, s->cluster_size);
+    AddCowHeader h = s->header;
+    Error *local_err = NULL;
+    int ret;
+
+    /* (1) */
+    ret = add_cow_cache_write(s->cache);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Could not write the bitmap");
+        return ret;
+    }
+    /* (2) */
+    h.virtual_size = offset;
+    h.bitmap_size = add_cow_bitmap_size(nb_clusters);
+    ret = add_cow_update_header(bs, &h);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Could not write the add-cow header");
+        return ret;
+    }
+    add_cow_set_geometry(s);
+    add_cow_cache_truncate(s->cache, nb_clusters);
+
+    /* (3) */
+    ret = add_cow_clear_bits_from(bs, nb_clusters, old_bitmap_size);
+    if (ret == 0) {
+        ret = add_cow_cache_recount(s->cache);
+    }
+    if (ret < 0) {
+        warn_report("add-cow: shrunk '%s', but could not clear the bitmap "
+                    "bits past the new end (%s); qemu-img check -r leaks "
+                    "clears them", bs->filename, strerror(-ret));
+    }
+    /* (4) */
+    if (image_len > offset &&
+        bdrv_co_truncate(s->image, offset, false, PREALLOC_MODE_OFF, 0,
+                         &local_err) < 0) {
+        warn_reportf_err(local_err, "add-cow: shrunk '%s', but its image "
+                         "file keeps its length: ", bs->filename);
+    }
+    return 0;
+}
+
 static int coroutine_fn GRAPH_RDLOCK
 add_cow_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
                     PreallocMode prealloc, BdrvRequestFlags flags,
@@ -1603,11 +1872,7 @@ add_cow_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
 {
     BDRVAddCowState *s = bs->opaque;
     uint64_t old_size = s->header.virtual_size;
-    uint64_t old_bitmap_size = s->header.bitmap_size;
-    uint64_t nb_clusters = DIV_ROUND_UP(offset, s->cluster_size);
-    int64_t wait_start;
-    AddCowHeader h;
-    int64_t image_len;
+    int64_t wait_start, image_len;
     int ret;
 
     if (!QEMU_IS_ALIGNED(offset, BDRV_SECTOR_SIZE)) {
@@ -1631,130 +1896,41 @@ add_cow_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
                      wait_start, &s->lock);
 
     image_len = bdrv_co_getlength(s->image->bs);
-    if (image_len < 0) {
+    ret = add_cow_clear_unknown_autoclear(bs);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Could not clear unknown autoclear "
+                         "features");
+    } else if (image_len < 0) {
         ret = image_len;
         error_setg_errno(errp, -ret, "Could not get the image file size");
-        goto out;
-    }
-    h = s->header;
-    h.virtual_size = offset;
-    h.bitmap_size = add_cow_bitmap_size(nb_clusters);
-
-    if (offset > old_size) {
-        /* (1) stale bytes in the allocated partial last cluster */
-        if (!QEMU_IS_ALIGNED(old_size, s->cluster_size)) {
-            int64_t zend = MIN(MIN(ROUND_UP(old_size, s->cluster_size),
-                                   offset), image_len);
-            bool allocated;
-            int64_t n = add_cow_find_run(s, old_size - 1, 1, &allocated);
-
-            ret = n < 0 ? n : 0;
-            if (ret == 0 && allocated && zend > old_size) {
-                ret = bdrv_co_pwrite_zeroes(s->image, old_size,
-                                            zend - old_size, 0);
-            }
-            if (ret < 0) {
-                error_setg_errno(errp, -ret, "Could not clear the image "
-                                 "file past the old end");
-                goto out;
-            }
-        }
-        /* (2) */
-        if (image_len < offset) {
-            ret = bdrv_co_truncate(s->image, offset, false, prealloc, 0,
-                                   errp);
-            if (ret < 0) {
-                goto out;
-            }
-        }
-        /* (3) the cache writes the boundary entry and zeroes the rest */
-        ret = add_cow_cache_resize(s->cache, nb_clusters);
-        if (ret < 0) {
-            error_setg_errno(errp, -ret, "Could not extend the bitmap");
-            goto out;
-        }
-        /*
-         * (3b) The backing file reaches into the new area (the block layer
-         * asks for BDRV_REQ_ZERO_WRITE): the new area must read zeros as
-         * soon as the new size is visible, so zero it in the image file
-         * and set its bits now, before the header grows.
-         */
-        if (flags & BDRV_REQ_ZERO_WRITE) {
-            ret = add_cow_zero_new_area(bs, old_size, offset);
-            if (ret < 0) {
-                error_setg_errno(errp, -ret, "Could not zero the new area");
-                goto out;
-            }
-        }
-        /* (4) */
-        ret = bdrv_co_flush(s->image->bs);
-        if (ret == 0) {
-            ret = bdrv_co_flush(bs->file->bs);
-        }
-        if (ret < 0) {
-            error_setg_errno(errp, -ret, "Could not flush before the header "
-                             "update");
-            goto out;
-        }
-        /* (5) */
-        if (nb_clusters > s->nb_clusters) {
-            h.autoclear_features &= ~ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
-        }
-        ret = add_cow_write_header(bs, &h);
-        if (ret < 0) {
-            error_setg_errno(errp, -ret, "Could not write the add-cow header");
-            goto out;
-        }
-        s->header = h;
-        add_cow_set_geometry(s);
+    } else if (offset > old_size) {
+        ret = add_cow_grow(bs, offset, image_len, prealloc, flags, errp);
     } else {
-        /* (1) */
-        ret = add_cow_write_header(bs, &h);
-        if (ret < 0) {
-            error_setg_errno(errp, -ret, "Could not write the add-cow header");
-            goto out;
-        }
-        s->header = h;
-        add_cow_set_geometry(s);
-        /* (2) cached entries first, then whatever is only on disk */
-        ret = add_cow_cache_resize(s->cache, nb_clusters);
-        if (ret == 0) {
-            ret = add_cow_cache_write(s->cache);
-        }
-        if (ret == 0) {
-            ret = add_cow_clear_bits_from(bs, nb_clusters, old_bitmap_size);
-        }
-        if (ret < 0) {
-            error_setg_errno(errp, -ret, "Could not clear bits past the end");
-            goto out;
-        }
-        /* (3) */
-        if (image_len > offset) {
-            ret = bdrv_co_truncate(s->image, offset, false,
-                                   PREALLOC_MODE_OFF, 0, errp);
-            if (ret < 0) {
-                goto out;
-            }
-        }
+        ret = add_cow_shrink(bs, offset, image_len, errp);
     }
-    ret = 0;
-
-out:
     qemu_co_mutex_unlock(&s->lock);
     return ret;
 }
 
-static int GRAPH_RDLOCK add_cow_make_empty(BlockDriverState *bs)
+/*
+ * Empty the image after a commit into its backing file (HMP commit,
+ * replication).  The node is drained, so no request holds s->lock or is in
+ * flight: an allocating write cannot set a bit between the bitmap clearing
+ * and the final discard, which would punch its acknowledged data.
+ *
+ * Clear the all-allocated flag and every bit, and make that stable before
+ * the image data goes away: a crash in between leaves clusters reading the
+ * backing file, which commit just made identical.
+ */
+static int GRAPH_RDLOCK add_cow_do_make_empty(BlockDriverState *bs)
 {
     BDRVAddCowState *s = bs->opaque;
     int ret;
 
-    /*
-     * Clear the all-allocated flag and every bit, and make that stable
-     * before the image data goes away: a crash in between leaves clusters
-     * reading the backing file, which commit just made identical.
-     */
-    ret = add_cow_flush_cache_sync(bs);
+    ret = add_cow_clear_unknown_autoclear(bs);
+    if (ret == 0) {
+        ret = add_cow_flush_cache_sync(bs);
+    }
     if (ret < 0) {
         return ret;
     }
@@ -1762,18 +1938,17 @@ static int GRAPH_RDLOCK add_cow_make_empty(BlockDriverState *bs)
         AddCowHeader h = s->header;
 
         h.autoclear_features &= ~ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
-        ret = add_cow_write_header(bs, &h);
+        ret = add_cow_update_header(bs, &h);
         if (ret < 0) {
             return ret;
         }
-        s->header = h;
     }
     ret = bdrv_pwrite_zeroes(bs->file, s->header.bitmap_offset,
                              s->header.bitmap_size, 0);
+    add_cow_cache_clear_all(s->cache);
     if (ret < 0) {
         return ret;
     }
-    add_cow_cache_discard_all(s->cache);
     ret = bdrv_flush(bs->file->bs);
     if (ret < 0) {
         return ret;
@@ -1783,6 +1958,22 @@ static int GRAPH_RDLOCK add_cow_make_empty(BlockDriverState *bs)
         bdrv_pdiscard(s->image, 0, s->header.virtual_size);
     }
     return 0;
+}
+
+static int GRAPH_RDLOCK add_cow_make_empty(BlockDriverState *bs)
+{
+    int ret;
+
+    bdrv_graph_rdunlock_main_loop();
+    bdrv_drained_begin(bs);
+    bdrv_graph_rdlock_main_loop();
+
+    ret = add_cow_do_make_empty(bs);
+
+    bdrv_graph_rdunlock_main_loop();
+    bdrv_drained_end(bs);
+    bdrv_graph_rdlock_main_loop();
+    return ret;
 }
 
 /* What a scan of the on-disk bitmap found (see add_cow_scan_bitmap()) */
@@ -1849,15 +2040,38 @@ add_cow_scan_bitmap(BlockDriverState *bs, AddCowBitmapScan *sc)
 }
 
 /*
+ * The all-allocated flag is set over clear bits.  The flag is the side to
+ * trust: a writer sets it only after every bit is on disk, and while it is
+ * set reads come from the image file, so setting the missing bits keeps
+ * what the guest sees.  The image file is flushed before the bits are
+ * written (the cache's flush dependency), as for any allocation.
+ */
+static int coroutine_fn GRAPH_RDLOCK
+add_cow_repair_all_allocated(BlockDriverState *bs)
+{
+    BDRVAddCowState *s = bs->opaque;
+    int ret;
+
+    ret = add_cow_cache_set(s->cache, 0, s->nb_clusters, true);
+    if (ret == 0) {
+        ret = add_cow_cache_write(s->cache);
+    }
+    if (ret == 0) {
+        ret = bdrv_co_flush(bs->file->bs);
+    }
+    return ret;
+}
+
+/*
  * qemu-img check.  The header was validated by open (an image that breaks a
  * field rule does not open at all), and open also found the image file and
  * the backing file, so what is left are the conditions a reader tolerates:
  *
  *  - padding bits set past the last cluster (a reader ignores them, but a
  *    later grow must not see them): leaks, repaired by clearing them;
- *  - the all-allocated flag set over a clear bit: repaired by clearing the
- *    flag, so that the bitmap decides again (the flag may only be set after
- *    every bit is, so the bitmap is the more trustworthy of the two);
+ *  - the all-allocated flag set over a clear bit: repaired by setting the
+ *    bits, because reads follow the flag (see
+ *    add_cow_repair_all_allocated());
  *  - an image file that ends before an allocated cluster does (that data
  *    reads as zeros, it is lost): repaired by extending the image file to
  *    the virtual size, which makes the loss explicit but keeps the reads;
@@ -1927,20 +2141,16 @@ add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
                 " cluster(s) are not allocated in the bitmap (the first is "
                 "cluster %" PRIu64 ")%s\n", repair ? "Repairing" : "ERROR",
                 s->nb_clusters - sc.allocated, sc.first_clear,
-                repair ? ": clearing the flag, those clusters read from the "
-                "backing file again" : "");
+                repair ? ": setting their bits, reads keep coming from the "
+                "image file" : "");
         if (repair) {
-            AddCowHeader h = s->header;
-
-            h.autoclear_features &= ~ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
-            ret = add_cow_write_header(bs, &h);
+            ret = add_cow_repair_all_allocated(bs);
             if (ret < 0) {
-                fprintf(stderr, "ERROR cannot write the header: %s\n",
+                fprintf(stderr, "ERROR cannot set the bits: %s\n",
                         strerror(-ret));
                 result->check_errors++;
                 goto out;
             }
-            s->header = h;
             result->corruptions_fixed++;
         } else {
             result->corruptions++;
@@ -2034,6 +2244,7 @@ add_cow_co_invalidate_cache(BlockDriverState *bs, Error **errp)
     qobject_unref(options);
     if (ret < 0) {
         error_prepend(errp, "Could not reopen add-cow layer: ");
+        add_cow_free_state(s);
         bs->drv = NULL;
     }
 }
@@ -2104,6 +2315,152 @@ add_cow_write_new_header(BlockBackend *blk, uint64_t size, int cluster_bits,
     return ret;
 }
 
+/*
+ * Grow the image file behind @blk to @size.  A file system that cannot
+ * hold a file that large (EFBIG) gets a message naming the image file and
+ * the largest length it accepts (found by trying lengths, which costs no
+ * data blocks); the generic "image size is too large" message would blame
+ * the cluster size.
+ */
+static int coroutine_fn GRAPH_UNLOCKED
+add_cow_extend_image(BlockBackend *blk, const char *name, int64_t len,
+                     uint64_t size, PreallocMode prealloc, Error **errp)
+{
+    Error *local_err = NULL;
+    int64_t lo = len, hi = size, mid;
+    int ret;
+
+    ret = blk_co_truncate(blk, size, false, prealloc, 0, &local_err);
+    if (ret != -EFBIG) {
+        error_propagate(errp, local_err);
+        return ret;
+    }
+    error_free(local_err);
+    while (hi - lo > BDRV_SECTOR_SIZE) {
+        mid = QEMU_ALIGN_DOWN(lo + (hi - lo) / 2, BDRV_SECTOR_SIZE);
+        if (blk_co_truncate(blk, mid, false, PREALLOC_MODE_OFF, 0,
+                            NULL) == 0) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    blk_co_truncate(blk, len, false, PREALLOC_MODE_OFF, 0, NULL);
+    error_setg(errp, "The image file '%s' cannot grow to %" PRIu64 " bytes: "
+               "its file system's largest file is %" PRId64 " bytes; put the "
+               "image file on another file system (-o image_file=PATH)",
+               name, size, lo);
+    return -EINVAL;
+}
+
+/* Create a new, empty local file at @path (never an existing one) */
+static int coroutine_fn GRAPH_UNLOCKED
+add_cow_create_local(const char *path, Error **errp)
+{
+    BlockDriver *drv = bdrv_find_protocol(path, false, errp);
+    QemuOpts *opts;
+    int ret;
+
+    if (!drv) {
+        return -ENOENT;
+    }
+    opts = qemu_opts_create(drv->create_opts, NULL, 0, &error_abort);
+    qemu_opt_set_number(opts, BLOCK_OPT_SIZE, 0, &error_abort);
+    ret = bdrv_co_create(drv, path, opts, errp);
+    qemu_opts_del(opts);
+    return ret;
+}
+
+/* Open the local file @path as a protocol node, never parsing its name */
+static BlockDriverState * coroutine_fn GRAPH_UNLOCKED
+add_cow_open_local(const char *path, Error **errp)
+{
+    QDict *opts = qdict_new();
+
+    qdict_put_str(opts, "driver", "file");
+    qdict_put_str(opts, "filename", path);
+    return bdrv_co_open(NULL, NULL, opts, BDRV_O_RDWR | BDRV_O_RESIZE, errp);
+}
+
+/*
+ * Find the image file of a new image whose .add-cow file is @bs, when no
+ * image-file node was given: @image_filename, or the .add-cow file's name
+ * plus ".img".  A named file is used as it is if it exists; the derived
+ * name must not exist, since it may hold another disk's data (e.g. the
+ * image file of an image that was renamed).  *@created says whether the
+ * file was created here.
+ */
+static BlockDriverState * coroutine_fn GRAPH_UNLOCKED
+add_cow_default_image(BlockDriverState *bs, const char *image_filename,
+                      char **name, bool *created, Error **errp)
+{
+    BlockDriverState *local = add_cow_local_file(bs);
+    g_autofree char *path = NULL;
+    BlockDriverState *image_bs;
+
+    if (!local) {
+        error_setg(errp, "add-cow needs an image file node (image-file) "
+                   "when the add-cow file is not a local file");
+        return NULL;
+    }
+    if (image_filename) {
+        *name = g_strdup(image_filename);
+    } else {
+        g_autofree char *base = g_path_get_basename(local->filename);
+
+        *name = g_strconcat(base, ".img", NULL);
+    }
+    path = add_cow_name_path(local->filename, *name);
+    if (g_file_test(path, G_FILE_TEST_EXISTS)) {
+        if (!image_filename) {
+            error_setg(errp, "The image file '%s' already exists and may "
+                       "hold another disk's data; to make it the image "
+                       "file of this image, name it (qemu-img create -o "
+                       "image_file=%s, or image-filename in blockdev-create)",
+                       path, *name);
+            return NULL;
+        }
+    } else {
+        if (add_cow_create_local(path, errp) < 0) {
+            return NULL;
+        }
+        *created = true;
+    }
+    image_bs = add_cow_open_local(path, errp);
+    if (!image_bs && *created) {
+        unlink(path);
+        *created = false;
+    }
+    return image_bs;
+}
+
+/*
+ * The name to store for an image file node given to blockdev-create: the
+ * node's file name, made relative to the .add-cow file's directory when
+ * the image file lies in it (the header's names are resolved against that
+ * directory), else absolute.
+ */
+static char *add_cow_node_name_for(BlockDriverState *bs,
+                                   BlockDriverState *image_bs)
+{
+    BlockDriverState *local = add_cow_local_file(bs);
+    g_autofree char *ipath = g_canonicalize_filename(image_bs->filename,
+                                                     NULL);
+    g_autofree char *bpath = NULL;
+    g_autofree char *idir = g_path_get_dirname(ipath);
+    g_autofree char *bdir = NULL;
+
+    if (!local) {
+        return g_steal_pointer(&ipath);
+    }
+    bpath = g_canonicalize_filename(local->filename, NULL);
+    bdir = g_path_get_dirname(bpath);
+    if (!strcmp(idir, bdir)) {
+        return g_path_get_basename(ipath);
+    }
+    return g_steal_pointer(&ipath);
+}
+
 static int coroutine_fn GRAPH_UNLOCKED
 add_cow_co_create(BlockdevCreateOptions *opts, Error **errp)
 {
@@ -2112,6 +2469,8 @@ add_cow_co_create(BlockdevCreateOptions *opts, Error **errp)
     BlockBackend *blk = NULL, *image_blk = NULL;
     const char *image_fmt, *backing_fmt = NULL;
     g_autofree char *image_name = NULL;
+    PreallocMode prealloc;
+    bool image_created = false;
     uint64_t cluster_size, size;
     int64_t image_len;
     int ret;
@@ -2133,6 +2492,12 @@ add_cow_co_create(BlockdevCreateOptions *opts, Error **errp)
     if (!QEMU_IS_ALIGNED(size, BDRV_SECTOR_SIZE) || size > BDRV_MAX_LENGTH) {
         error_setg(errp, "add-cow image size must be a multiple of 512 and "
                    "at most %" PRId64 " bytes", (int64_t)BDRV_MAX_LENGTH);
+        return -EINVAL;
+    }
+    prealloc = ac->has_preallocation ? ac->preallocation : PREALLOC_MODE_OFF;
+    if (prealloc == PREALLOC_MODE_METADATA) {
+        error_setg(errp, "add-cow has no metadata to preallocate (use "
+                   "preallocation=falloc or full for the image file)");
         return -EINVAL;
     }
     image_fmt = ac->has_image_fmt ? BlockdevDriver_str(ac->image_fmt) : "raw";
@@ -2163,19 +2528,32 @@ add_cow_co_create(BlockdevCreateOptions *opts, Error **errp)
         return -EINVAL;
     }
 
-    image_bs = bdrv_co_open_blockdev_ref(ac->image_file, errp);
-    if (!image_bs) {
+    bs = bdrv_co_open_blockdev_ref(ac->file, errp);
+    if (!bs) {
         return -EIO;
     }
-    image_name = g_strdup(ac->image_filename ?: image_bs->filename);
+    if (ac->image_file) {
+        image_bs = bdrv_co_open_blockdev_ref(ac->image_file, errp);
+        image_name = ac->image_filename ? g_strdup(ac->image_filename) :
+                     image_bs ? add_cow_node_name_for(bs, image_bs) : NULL;
+    } else {
+        image_bs = add_cow_default_image(bs, ac->image_filename, &image_name,
+                                         &image_created, errp);
+    }
+    if (!image_bs) {
+        ret = -EIO;
+        goto out;
+    }
     if (!image_name[0] || strlen(image_name) > ADD_COW_MAX_NAME_SIZE) {
         error_setg(errp, "The image file needs a name of 1 to %d bytes",
                    ADD_COW_MAX_NAME_SIZE);
         ret = -EINVAL;
         goto out;
     }
-    ret = add_cow_check_image_name(image_name, errp);
-    if (ret < 0) {
+    if (add_cow_same_file(bs, image_bs)) {
+        error_setg(errp, "The image file '%s' is the add-cow file itself",
+                   image_name);
+        ret = -EINVAL;
         goto out;
     }
 
@@ -2189,27 +2567,30 @@ add_cow_co_create(BlockdevCreateOptions *opts, Error **errp)
     image_len = blk_co_getlength(image_blk);
     if (image_len < 0) {
         ret = image_len;
-        error_setg_errno(errp, -ret, "Could not get the image file size");
+        error_setg_errno(errp, -ret, "Could not get the size of the image "
+                         "file '%s'", image_name);
         goto out;
     }
     if (image_len < size) {
-        ret = blk_co_truncate(image_blk, size, false, PREALLOC_MODE_OFF, 0,
-                              errp);
+        ret = add_cow_extend_image(image_blk, image_name, image_len, size,
+                                   prealloc, errp);
         if (ret < 0) {
             goto out;
         }
+    } else if (prealloc != PREALLOC_MODE_OFF) {
+        error_setg(errp, "The image file '%s' exists and already covers the "
+                   "disk; preallocation only applies to a file that grows",
+                   image_name);
+        ret = -EINVAL;
+        goto out;
     }
     ret = blk_co_flush(image_blk);
     if (ret < 0) {
-        error_setg_errno(errp, -ret, "Could not flush the image file");
+        error_setg_errno(errp, -ret, "Could not flush the image file '%s'",
+                         image_name);
         goto out;
     }
 
-    bs = bdrv_co_open_blockdev_ref(ac->file, errp);
-    if (!bs) {
-        ret = -EIO;
-        goto out;
-    }
     blk = blk_co_new_with_bs(bs, BLK_PERM_WRITE | BLK_PERM_RESIZE,
                              BLK_PERM_ALL, errp);
     if (!blk) {
@@ -2223,42 +2604,13 @@ add_cow_co_create(BlockdevCreateOptions *opts, Error **errp)
 
 out:
     blk_co_unref(blk);
-    bdrv_co_unref(bs);
     blk_co_unref(image_blk);
+    if (ret < 0 && image_created) {
+        bdrv_co_delete_file_noerr(image_bs);
+    }
+    bdrv_co_unref(bs);
     bdrv_co_unref(image_bs);
     return ret;
-}
-
-/* Length of the backing file named at create time, or -errno */
-static int64_t coroutine_fn GRAPH_UNLOCKED
-add_cow_backing_length(const char *filename, const char *backing,
-                       const char *fmt)
-{
-    g_autofree char *full = NULL;
-    BlockDriverState *bs;
-    QDict *opts = qdict_new();
-    int64_t len;
-
-    full = bdrv_get_full_backing_filename_from_filename(filename, backing,
-                                                        NULL);
-    if (!full) {
-        qobject_unref(opts);
-        return -EINVAL;
-    }
-    if (fmt) {
-        qdict_put_str(opts, "driver", fmt);
-    }
-    qdict_put_bool(opts, BDRV_OPT_FORCE_SHARE, true);
-    bs = bdrv_co_open(full, NULL, opts, BDRV_O_NO_IO | BDRV_O_NO_BACKING,
-                      NULL);
-    if (!bs) {
-        return -EIO;
-    }
-    bdrv_graph_co_rdlock();
-    len = bdrv_co_getlength(bs);
-    bdrv_graph_co_rdunlock();
-    bdrv_co_unref(bs);
-    return len;
 }
 
 static int coroutine_fn GRAPH_UNLOCKED
@@ -2266,11 +2618,8 @@ add_cow_co_create_opts(BlockDriver *drv, const char *filename,
                        QemuOpts *opts, Error **errp)
 {
     BlockdevCreateOptions *create_options = NULL;
-    BlockDriverState *bs = NULL, *image_bs = NULL;
-    g_autofree char *image_name = NULL;
-    g_autofree char *image_path = NULL;
-    g_autofree char *image_fmt = NULL;
-    bool image_created = false;
+    BlockDriverState *bs = NULL;
+    g_autofree char *prealloc = NULL;
     QDict *qdict;
     Visitor *v;
     int ret;
@@ -2279,42 +2628,21 @@ add_cow_co_create_opts(BlockDriver *drv, const char *filename,
         { BLOCK_OPT_BACKING_FILE,       "backing-file" },
         { BLOCK_OPT_BACKING_FMT,        "backing-fmt" },
         { BLOCK_OPT_CLUSTER_SIZE,       "cluster-size" },
+        { ADD_COW_OPT_IMAGE_FILE,       "image-filename" },
         { ADD_COW_OPT_IMAGE_FMT,        "image-fmt" },
         { NULL, NULL },
     };
 
+    /* Preallocation is for the image file, not for the .add-cow file */
+    prealloc = qemu_opt_get_del(opts, BLOCK_OPT_PREALLOC);
     qdict = qemu_opts_to_qdict_filtered(opts, NULL, &add_cow_create_opts,
                                         true);
     if (!qdict_rename_keys(qdict, opt_renames, errp)) {
         ret = -EINVAL;
         goto fail;
     }
-
-    /* The image file: as named, or next to the add-cow file by default */
-    image_name = g_strdup(qdict_get_try_str(qdict, ADD_COW_OPT_IMAGE_FILE));
-    qdict_del(qdict, ADD_COW_OPT_IMAGE_FILE);
-    if (!image_name) {
-        g_autofree char *base = g_path_get_basename(filename);
-
-        image_name = g_strconcat(base, ".img", NULL);
-    }
-    ret = add_cow_check_image_name(image_name, errp);
-    if (ret < 0) {
-        goto fail;
-    }
-    image_fmt = g_strdup(qdict_get_try_str(qdict, "image-fmt") ?: "raw");
-    if (strcmp(image_fmt, "raw")) {
-        error_setg(errp, "Unsupported add-cow image file format '%s' (only "
-                   "raw is supported)", image_fmt);
-        ret = -ENOTSUP;
-        goto fail;
-    }
-
-    image_path = path_combine(filename, image_name);
-    if (!strcmp(image_path, filename)) {
-        error_setg(errp, "The image file cannot be the add-cow file itself");
-        ret = -EINVAL;
-        goto fail;
+    if (prealloc) {
+        qdict_put_str(qdict, "preallocation", prealloc);
     }
 
     ret = bdrv_co_create_file(filename, opts, true, errp);
@@ -2328,26 +2656,9 @@ add_cow_co_create_opts(BlockDriver *drv, const char *filename,
         goto fail;
     }
 
-    /* Never overwrite an existing image file: it may hold the guest disk */
-    if (!g_file_test(image_path, G_FILE_TEST_EXISTS)) {
-        ret = bdrv_co_create_file(image_path, opts, false, errp);
-        if (ret < 0) {
-            goto fail;
-        }
-        image_created = true;
-    }
-    image_bs = bdrv_co_open(image_path, NULL, NULL,
-                            BDRV_O_RDWR | BDRV_O_RESIZE | BDRV_O_PROTOCOL,
-                            errp);
-    if (!image_bs) {
-        ret = -EIO;
-        goto fail;
-    }
-
+    /* The image file is found or created by add_cow_co_create() */
     qdict_put_str(qdict, "driver", "add-cow");
     qdict_put_str(qdict, "file", bs->node_name);
-    qdict_put_str(qdict, "image-file", image_bs->node_name);
-    qdict_put_str(qdict, "image-filename", image_name);
 
     v = qobject_input_visitor_new_flat_confused(qdict, errp);
     if (!v) {
@@ -2365,45 +2676,14 @@ add_cow_co_create_opts(BlockDriver *drv, const char *filename,
     create_options->u.add_cow.size =
         ROUND_UP(create_options->u.add_cow.size, BDRV_SECTOR_SIZE);
 
-    /*
-     * qemu-img fills in the backing file's size when no size was given.
-     * In that case an existing, larger image file is the disk being
-     * wrapped: use its size instead.
-     */
-    if (create_options->u.add_cow.backing_file) {
-        int64_t image_len, backing_len;
-
-        bdrv_graph_co_rdlock();
-        image_len = bdrv_co_getlength(image_bs);
-        bdrv_graph_co_rdunlock();
-        backing_len = add_cow_backing_length(filename,
-                                             create_options->u.add_cow.
-                                             backing_file,
-                                             qdict_get_try_str(qdict,
-                                                               "backing-fmt"));
-        if (backing_len >= 0 && image_len > 0 &&
-            create_options->u.add_cow.size == ROUND_UP(backing_len,
-                                                       BDRV_SECTOR_SIZE) &&
-            image_len > backing_len) {
-            create_options->u.add_cow.size = ROUND_UP(image_len,
-                                                      BDRV_SECTOR_SIZE);
-        }
-    }
-
     ret = add_cow_co_create(create_options, errp);
 
 fail:
-    if (ret < 0) {
-        if (bs) {
-            bdrv_co_delete_file_noerr(bs);
-        }
-        if (image_created && image_bs) {
-            bdrv_co_delete_file_noerr(image_bs);
-        }
+    if (ret < 0 && bs) {
+        bdrv_co_delete_file_noerr(bs);
     }
     qobject_unref(qdict);
     bdrv_co_unref(bs);
-    bdrv_co_unref(image_bs);
     qapi_free_BlockdevCreateOptions(create_options);
     return ret;
 }
@@ -2535,26 +2815,6 @@ static BlockMeasureInfo *add_cow_measure(QemuOpts *opts,
     return info;
 }
 
-/* Open @filename as @fmt read-only, to check that a name is usable */
-static int GRAPH_RDLOCK
-add_cow_try_open(const char *filename, const char *fmt, int64_t *len,
-                 Error **errp)
-{
-    BlockDriverState *tbs;
-    QDict *opts = qdict_new();
-
-    qdict_put_str(opts, "driver", fmt);
-    tbs = bdrv_open(filename, NULL, opts, BDRV_O_NO_BACKING, errp);
-    if (!tbs) {
-        return -EINVAL;
-    }
-    if (len) {
-        *len = bdrv_getlength(tbs);
-    }
-    bdrv_unref(tbs);
-    return 0;
-}
-
 /* Resolve @name like the header's names: relative to the .add-cow file */
 static char * GRAPH_RDLOCK
 add_cow_resolve(BlockDriverState *bs, const char *name, Error **errp)
@@ -2571,6 +2831,131 @@ add_cow_resolve(BlockDriverState *bs, const char *name, Error **errp)
     return g_strconcat(dir, name, NULL);
 }
 
+/* Open the backing file name @filename as @fmt, to check that it is usable */
+static int GRAPH_RDLOCK
+add_cow_try_open_backing(const char *filename, const char *fmt, Error **errp)
+{
+    BlockDriverState *tbs;
+    QDict *opts = qdict_new();
+
+    qdict_put_str(opts, "driver", fmt);
+    tbs = bdrv_open(filename, NULL, opts, BDRV_O_NO_BACKING, errp);
+    if (!tbs) {
+        return -EINVAL;
+    }
+    bdrv_unref(tbs);
+    return 0;
+}
+
+/*
+ * Check a new image file name for @bs: the plain file @name, relative to
+ * the .add-cow file's directory, must exist, open as raw, not be the
+ * .add-cow file, and cover the virtual size (unless @force).
+ */
+static int GRAPH_RDLOCK
+add_cow_check_new_image(BlockDriverState *bs, const char *name, bool force,
+                        Error **errp)
+{
+    BDRVAddCowState *s = bs->opaque;
+    g_autofree char *dir = NULL;
+    g_autofree char *path = NULL;
+    BlockDriverState *tbs;
+    QDict *opts;
+    int64_t len;
+
+    if (!name[0] || strlen(name) > ADD_COW_MAX_NAME_SIZE) {
+        error_setg(errp, "The image file needs a name of 1 to %d bytes",
+                   ADD_COW_MAX_NAME_SIZE);
+        return -EINVAL;
+    }
+    if (path_is_absolute(name)) {
+        path = g_strdup(name);
+    } else {
+        dir = bdrv_dirname(bs->file->bs, errp);
+        if (!dir) {
+            return -EINVAL;
+        }
+        path = g_strconcat(dir, name, NULL);
+    }
+    /* A plain file, whatever its name looks like; guest data is not moved */
+    opts = qdict_new();
+    qdict_put_str(opts, "driver", "raw");
+    qdict_put_str(opts, "file.driver", "file");
+    qdict_put_str(opts, "file.filename", path);
+    tbs = bdrv_open(NULL, NULL, opts, BDRV_O_NO_BACKING, errp);
+    if (!tbs) {
+        error_prepend(errp, "The new image file must exist and open as raw: ");
+        return -EINVAL;
+    }
+    len = bdrv_getlength(tbs);
+    if (add_cow_same_file(bs->file->bs, tbs)) {
+        error_setg(errp, "The image file '%s' is the add-cow file itself",
+                   path);
+        len = -EINVAL;
+    } else if (len >= 0 && len < (int64_t)s->header.virtual_size && !force) {
+        error_setg(errp, "The new image file '%s' is %" PRId64 " bytes long, "
+                   "shorter than the virtual size %" PRIu64 " (use --force "
+                   "to accept that)", path, len, s->header.virtual_size);
+        len = -EINVAL;
+    } else if (len < 0) {
+        error_setg_errno(errp, -len, "Could not get the length of '%s'",
+                         path);
+    }
+    bdrv_unref(tbs);
+    return len < 0 ? len : 0;
+}
+
+typedef struct AddCowRawCo {
+    BlockDriverState *bs;
+    int ret;
+} AddCowRawCo;
+
+static void coroutine_fn add_cow_fill_entry(void *opaque)
+{
+    AddCowRawCo *rc = opaque;
+    BDRVAddCowState *s = rc->bs->opaque;
+
+    bdrv_graph_co_rdlock();
+    qemu_co_mutex_lock(&s->lock);
+    rc->ret = add_cow_fill_unallocated(rc->bs);
+    qemu_co_mutex_unlock(&s->lock);
+    bdrv_graph_co_rdunlock();
+    aio_wait_kick();
+}
+
+/*
+ * image_file_raw=on: make the image file the whole disk.  Only without a
+ * backing file: unallocated clusters then read zeros, so zeroing them in
+ * the image file and setting their bits changes nothing the guest sees.
+ * While a backing file is named, the data it holds would be lost.
+ */
+static int GRAPH_RDLOCK
+add_cow_make_image_file_raw(BlockDriverState *bs, Error **errp)
+{
+    BDRVAddCowState *s = bs->opaque;
+    AddCowRawCo rc = { .bs = bs, .ret = -EINPROGRESS };
+
+    if (s->header.backing_name_size || bs->backing) {
+        error_setg(errp, "'%s' reads unallocated clusters from its backing "
+                   "file '%s': copy them first (block-stream, or qemu-img "
+                   "rebase -b '') and then set image_file_raw=on",
+                   bs->filename, bs->backing_file);
+        return -EINVAL;
+    }
+    if (!s->image) {
+        error_setg(errp, "The image file of '%s' is not open", bs->filename);
+        return -ENOTSUP;
+    }
+    aio_co_enter(bdrv_get_aio_context(bs),
+                 qemu_coroutine_create(add_cow_fill_entry, &rc));
+    BDRV_POLL_WHILE(bs, rc.ret == -EINPROGRESS);
+    if (rc.ret < 0) {
+        error_setg_errno(errp, -rc.ret, "Could not fill the unallocated "
+                         "clusters of the image file");
+    }
+    return rc.ret;
+}
+
 /*
  * qemu-img amend.  What may change is what the spec lets a writer change
  * without touching guest data:
@@ -2578,14 +2963,13 @@ add_cow_resolve(BlockDriverState *bs, const char *name, Error **errp)
  *  - image_file: the name of the image file, which must exist already,
  *    open as raw, and cover the virtual size (the guest data is not moved:
  *    the user copied or renamed the file); image_fmt only accepts raw,
- *    the one format QEMU opens from a header.
+ *    the one format QEMU opens from a header;
+ *  - image_file_raw: on fills the unallocated clusters of an image without
+ *    backing file with zeros and sets the all-allocated flag, off clears it.
  * The cluster size (the bitmap's geometry) cannot change; the size changes
  * with qemu-img resize and the backing file with qemu-img rebase.
- *
- * A new name is written like rebase does (see
- * add_cow_co_change_backing_file()): into unused bytes of the name area,
- * flushed, then sector 0 rewritten in one write.  The change applies to
- * the next open; the running node keeps the image file it has open.
+ * Names are switched by add_cow_write_name(), as rebase does.  The change
+ * applies to the next open; the running node keeps the image file it has.
  */
 static int GRAPH_RDLOCK
 add_cow_amend_options(BlockDriverState *bs, QemuOpts *opts,
@@ -2596,10 +2980,10 @@ add_cow_amend_options(BlockDriverState *bs, QemuOpts *opts,
     const char *backing_fmt = qemu_opt_get(opts, BLOCK_OPT_BACKING_FMT);
     const char *image_file = qemu_opt_get(opts, ADD_COW_OPT_IMAGE_FILE);
     const char *image_fmt = qemu_opt_get(opts, ADD_COW_OPT_IMAGE_FMT);
+    const char *raw = qemu_opt_get(opts, ADD_COW_OPT_IMAGE_FILE_RAW);
     AddCowHeader h = s->header;
     g_autofree char *path = NULL;
-    uint32_t pos = 0;
-    int64_t len;
+    bool new_name;
     int ret;
 
     if (qemu_opt_get(opts, BLOCK_OPT_CLUSTER_SIZE)) {
@@ -2616,6 +3000,12 @@ add_cow_amend_options(BlockDriverState *bs, QemuOpts *opts,
     if (qemu_opt_get(opts, BLOCK_OPT_BACKING_FILE)) {
         error_setg(errp, "Use qemu-img rebase to change the backing file of "
                    "an add-cow image");
+        return -ENOTSUP;
+    }
+    if (image_fmt && strcmp(image_fmt, "raw")) {
+        /* See add_cow_do_open(): no format recursion from a header */
+        error_setg(errp, "Unsupported image file format '%s' (only raw is "
+                   "supported)", image_fmt);
         return -ENOTSUP;
     }
 
@@ -2635,7 +3025,7 @@ add_cow_amend_options(BlockDriverState *bs, QemuOpts *opts,
         if (!path) {
             return -EINVAL;
         }
-        ret = add_cow_try_open(path, backing_fmt, NULL, errp);
+        ret = add_cow_try_open_backing(path, backing_fmt, errp);
         if (ret < 0 && !force) {
             error_prepend(errp, "The backing file does not open as %s "
                           "(use --force to store it anyway): ", backing_fmt);
@@ -2644,91 +3034,50 @@ add_cow_amend_options(BlockDriverState *bs, QemuOpts *opts,
             error_free(*errp);
             *errp = NULL;
         }
-        g_free(path);
-        path = NULL;
         memset(h.backing_format, 0, sizeof(h.backing_format));
         pstrcpy(h.backing_format, sizeof(h.backing_format), backing_fmt);
     }
 
-    if (image_file || image_fmt) {
-        const char *name = image_file ?: s->image_name;
-        const char *fmt = image_fmt ?: s->header.image_format;
-
-        if (!name[0] || strlen(name) > ADD_COW_MAX_NAME_SIZE) {
-            error_setg(errp, "The image file needs a name of 1 to %d bytes",
-                       ADD_COW_MAX_NAME_SIZE);
-            return -EINVAL;
-        }
-        ret = add_cow_check_image_name(name, errp);
+    new_name = image_file && strcmp(image_file, s->image_name);
+    if (new_name) {
+        ret = add_cow_check_new_image(bs, image_file, force, errp);
         if (ret < 0) {
             return ret;
-        }
-        if (strcmp(fmt, "raw")) {
-            /* See add_cow_do_open(): no format recursion from a header */
-            error_setg(errp, "Unsupported image file format '%s' (only raw "
-                       "is supported)", fmt);
-            return -ENOTSUP;
-        }
-        path = add_cow_resolve(bs, name, errp);
-        if (!path) {
-            return -EINVAL;
-        }
-        if (!strcmp(path, bs->file->bs->filename)) {
-            error_setg(errp, "The image file cannot be the add-cow file "
-                       "itself");
-            return -EINVAL;
-        }
-        /* The guest data must already be there: never create it here */
-        ret = image_file ? add_cow_try_open(path, fmt, &len, errp) : 0;
-        if (ret < 0) {
-            error_prepend(errp, "The new image file must exist and open as "
-                          "%s: ", fmt);
-            return ret;
-        }
-        if (image_file && len < (int64_t)s->header.virtual_size && !force) {
-            error_setg(errp, "The new image file is %" PRId64 " bytes long, "
-                       "shorter than the virtual size %" PRIu64 " (use "
-                       "--force to accept that)", len,
-                       s->header.virtual_size);
-            return -EINVAL;
-        }
-        memset(h.image_format, 0, sizeof(h.image_format));
-        pstrcpy(h.image_format, sizeof(h.image_format), fmt);
-
-        if (image_file && strcmp(image_file, s->image_name)) {
-            size_t nlen = strlen(image_file);
-
-            pos = add_cow_find_name_space(s, nlen);
-            if (!pos) {
-                error_setg(errp, "No space left in the add-cow header for "
-                           "the new image file name");
-                return -ENOSPC;
-            }
-            /* New name first, stable before sector 0 points at it */
-            ret = bdrv_pwrite(bs->file, pos, nlen, image_file, 0);
-            if (ret == 0) {
-                ret = bdrv_flush(bs->file->bs);
-            }
-            if (ret < 0) {
-                error_setg_errno(errp, -ret, "Could not write the image "
-                                 "file name");
-                return ret;
-            }
-            h.image_name_offset = pos;
-            h.image_name_size = nlen;
         }
     }
 
+    if (raw && qemu_opt_get_bool(opts, ADD_COW_OPT_IMAGE_FILE_RAW, false)) {
+        if (new_name) {
+            error_setg(errp, "Set image_file_raw in a separate amend, after "
+                       "the image file has changed");
+            return -EINVAL;
+        }
+        ret = add_cow_make_image_file_raw(bs, errp);
+        if (ret < 0) {
+            return ret;
+        }
+        h.autoclear_features |= ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
+    } else if (raw) {
+        h.autoclear_features &= ~ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
+    }
+
+    if (new_name) {
+        ret = add_cow_write_name(bs, &h, false, image_file);
+        if (ret < 0) {
+            error_setg_errno(errp, -ret, "Could not write the image file "
+                             "name");
+            return ret;
+        }
+    }
     if (!memcmp(&h, &s->header, sizeof(h))) {
         return 0;
     }
-    ret = add_cow_write_header(bs, &h);
+    ret = add_cow_update_header(bs, &h);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Could not write the add-cow header");
         return ret;
     }
-    s->header = h;
-    if (pos) {
+    if (new_name) {
         g_free(s->image_name);
         s->image_name = g_strdup(image_file);
     }
@@ -2760,6 +3109,12 @@ static QemuOptsList add_cow_amend_opts = {
             .help = "Format of the image file"
         },
         {
+            .name = ADD_COW_OPT_IMAGE_FILE_RAW,
+            .type = QEMU_OPT_BOOL,
+            .help = "on: make the image file the whole disk (no backing "
+                    "file only); off: clear the all-allocated flag"
+        },
+        {
             .name = BLOCK_OPT_CLUSTER_SIZE,
             .type = QEMU_OPT_SIZE,
             .help = "Cannot be changed (refused with an error)"
@@ -2778,8 +3133,27 @@ static QemuOptsList add_cow_amend_opts = {
     }
 };
 
+/*
+ * The add-cow file's name describes the node only if the image file is the
+ * one its header names: otherwise the generic code's json: filename, which
+ * includes the image-file child, is the only way to open the same tree.
+ */
+static void add_cow_refresh_filename(BlockDriverState *bs)
+{
+    BDRVAddCowState *s = bs->opaque;
+    BlockDriverState *file = bs->file ? bs->file->bs : NULL;
+
+    if (!s->image_overridden && file && file->exact_filename[0] &&
+        file->drv && file->drv->protocol_name &&
+        !qdict_haskey(bs->full_open_options, "backing")) {
+        pstrcpy(bs->exact_filename, sizeof(bs->exact_filename),
+                file->exact_filename);
+    }
+}
+
 static const char *const add_cow_strong_runtime_opts[] = {
     "image-file",
+    "image-file.",
     NULL
 };
 
@@ -2810,6 +3184,8 @@ static BlockDriver bdrv_add_cow = {
     .bdrv_co_block_status           = add_cow_co_block_status,
 
     .bdrv_co_getlength              = add_cow_co_getlength,
+    .bdrv_refresh_filename          = add_cow_refresh_filename,
+    .bdrv_co_get_allocated_file_size = add_cow_co_get_allocated_file_size,
     .bdrv_co_get_info               = add_cow_co_get_info,
     .bdrv_get_specific_info         = add_cow_get_specific_info,
     .bdrv_co_change_backing_file    = add_cow_co_change_backing_file,

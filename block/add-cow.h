@@ -63,8 +63,8 @@
 
 #define ADD_COW_OPT_IMAGE_FILE      "image_file"
 #define ADD_COW_OPT_IMAGE_FMT       "image_fmt"
+#define ADD_COW_OPT_IMAGE_FILE_RAW  "image_file_raw"
 #define ADD_COW_OPT_CACHE_SIZE      "cache-size"
-#define ADD_COW_OPT_BREAK_ORDERING  "x-break-ordering"
 
 /*
  * The fixed part of the header, at offset 0 of the .add-cow file.  It fits
@@ -95,25 +95,16 @@ QEMU_BUILD_BUG_ON(sizeof(AddCowHeader) != ADD_COW_NAME_AREA_START);
 
 typedef struct AddCowCache AddCowCache;
 
-/*
- * Test-only switch (runtime option x-break-ordering) that deliberately
- * breaks the write ordering, so that crash tests can prove they would
- * catch such a bug.  Never use it on real data.
- */
-typedef enum AddCowBreakOrdering {
-    ADD_COW_BREAK_NONE = 0,
-    ADD_COW_BREAK_SKIP_IMAGE_FLUSH,  /* no image flush before bitmap writes */
-    ADD_COW_BREAK_FLUSH_METADATA,    /* flush the .add-cow file instead */
-    ADD_COW_BREAK_BIT_BEFORE_DATA,   /* write the bit before the data */
-} AddCowBreakOrdering;
-
 typedef struct BDRVAddCowState {
     BlockDriverState *bs;
     BdrvChild *image;               /* the image file (guest data) */
+    bool image_overridden;          /* not the header's (image-file option) */
 
     /* Protected by lock: header copy, cache, inflight */
     CoMutex lock;
     AddCowHeader header;            /* CPU-endian */
+    AddCowHeader unsure_header;     /* last header write, if it failed */
+    bool header_unsure;             /* the disk may hold unsure_header */
     char *image_name;               /* as stored in the header */
     AddCowCache *cache;
     BlockReqList inflight;          /* allocating writes, cluster-aligned */
@@ -122,7 +113,6 @@ typedef struct BDRVAddCowState {
     uint32_t cluster_size;
     uint64_t nb_clusters;
     uint64_t cache_size;
-    AddCowBreakOrdering break_ordering;
 } BDRVAddCowState;
 
 /* Number of bytes the bitmap of @nb_clusters clusters takes on disk */
@@ -139,6 +129,7 @@ void add_cow_cache_destroy(AddCowCache *c);
 void add_cow_cache_set_image(AddCowCache *c, BdrvChild *image);
 int coroutine_fn GRAPH_RDLOCK
 add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters);
+void add_cow_cache_truncate(AddCowCache *c, uint64_t nb_clusters);
 int64_t coroutine_fn GRAPH_RDLOCK
 add_cow_cache_get_run(AddCowCache *c, uint64_t cluster, uint64_t max,
                       bool *allocated);
@@ -149,8 +140,8 @@ int coroutine_fn GRAPH_RDLOCK add_cow_cache_write(AddCowCache *c);
 bool add_cow_cache_is_dirty(AddCowCache *c);
 void add_cow_cache_discard_all(AddCowCache *c);
 uint32_t add_cow_cache_entry_bytes(AddCowCache *c);
-const unsigned long *add_cow_cache_lookup(AddCowCache *c, int64_t index);
-void add_cow_cache_set_break_ordering(AddCowCache *c,
-                                      AddCowBreakOrdering mode);
+int coroutine_fn GRAPH_RDLOCK add_cow_cache_recount(AddCowCache *c);
+uint64_t add_cow_cache_count(AddCowCache *c);
+void add_cow_cache_clear_all(AddCowCache *c);
 
 #endif /* BLOCK_ADD_COW_H */

@@ -734,6 +734,10 @@ def sc_stream_crash(env, st):
             % (chk, spec.get("allocated-clusters"),
                spec.get("total-clusters"), fsck, n))
     env.run([env.qemu_img, "rebase", "-f", env.fmt, "-b", "", ov])
+    if env.fmt == "add-cow":
+        # The image file becomes the whole disk on request only
+        env.run([env.qemu_img, "amend", "-f", env.fmt, "-o",
+                 "image_file_raw=on", ov])
     info = env.info(ov)
     if "backing-filename" in info:
         raise Failure("qemu-img rebase -b '' kept the backing file")
@@ -793,6 +797,9 @@ def sc_stream(env, st):
                recs_during))
     if recs_during < 1:
         raise Failure("stream: the guest wrote nothing during the job")
+    if env.fmt == "add-cow":
+        env.run([env.qemu_img, "amend", "-f", env.fmt, "-o",
+                 "image_file_raw=on", ov])
     chk = env.img_check(ov)
     info = env.info(ov)
     if "backing-filename" in info:
