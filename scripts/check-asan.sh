@@ -62,6 +62,13 @@ for t in $TARGETS; do
 done
 [ -n "$build_only" ] && exit 0
 
+# add-cow-crash runs its negative controls with mutants of the driver,
+# built beside qemu-img
+if ! BUILD_DIR=$build "$top/scripts/build-mutant.sh" --all >/dev/null; then
+    echo "check-asan: a mutant of the driver did not build;" \
+         "add-cow-crash will fail" >&2
+fi
+
 # Sanitizer output goes to log files, not stderr: ASan warns on stderr
 # about swapcontext (coroutines) in every process, which would break every
 # reference output.  The iotests runner sets ASAN_OPTIONS itself

@@ -22,6 +22,14 @@ if [ $# -eq 0 ]; then
     set -- "add-cow:-g add-cow" "add-cow:-g quick -x add-cow"
 fi
 
+# The mutants of the driver, the negative controls of add-cow-crash: built
+# here (seconds, nothing when unchanged), so that a mutant patch that no
+# longer applies fails that test, loudly, instead of the whole run.
+if ! BUILD_DIR=$build "$top/scripts/build-mutant.sh" --all >/dev/null; then
+    echo "run-iotests: a mutant of the driver did not build;" \
+         "add-cow-crash will fail"
+fi
+
 # Test a snapshot of the binaries: other builds in this tree (several
 # people, one build directory) may relink them while the tests run, which
 # makes a running test fail with "Permission denied" or "Text file busy".
@@ -40,6 +48,13 @@ trap 'rm -rf "$bin"' EXIT
     # add-cow-fuzz-inproc looks for the harness beside qemu-img
     mkdir -p "$bin/tests/unit"
     cp "$build/tests/unit/fuzz-add-cow" "$bin/tests/unit/" || exit 1
+    # add-cow-crash looks for the mutants there too
+    for m in "$build"/add-cow-mutants/*/bin; do
+        [ -d "$m" ] || continue
+        mdir=$bin/add-cow-mutants/$(basename "$(dirname "$m")")/bin
+        mkdir -p "$mdir"
+        cp "$m/qemu-img" "$m/qemu-io" "$mdir/" || exit 1
+    done
 ) 9>"$top/.build/.build-lock" || {
     echo "run-iotests: the binaries in $build are missing; run make build"
     echo "0 passed, 1 failed"

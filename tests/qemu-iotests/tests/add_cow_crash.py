@@ -475,7 +475,7 @@ class Step:
 class Workload:
     def __init__(self, name: str, fmt: Format, steps: List[Step],
                  backing: bool = True, base_on_nbd: bool = False,
-                 break_ordering: Optional[str] = None,
+                 mutant: Optional[str] = None,
                  expect_violation: bool = False,
                  state_budget: Optional[int] = None,
                  new_backing: bool = False,
@@ -489,7 +489,8 @@ class Workload:
         self.steps = steps
         self.backing = backing
         self.base_on_nbd = base_on_nbd
-        self.break_ordering = break_ordering
+        # Run the workload with this mutant's qemu-io and qemu-img
+        self.mutant = mutant
         self.expect_violation = expect_violation
 
     def max_states(self, default: int) -> int:
@@ -614,8 +615,10 @@ class Checker:
     def __init__(self, workdir: str, qemu_img: List[str], qemu_io: List[str],
                  exhaustive_bits: int = 8, samples: int = 24,
                  max_states: int = 400, seed: int = 1, jobs: int = 0,
-                 verbose: bool = False, sock_dir: str = ''):
+                 verbose: bool = False, sock_dir: str = '',
+                 mutants_dir: str = ''):
         self.workdir = workdir
+        self.mutants_dir = mutants_dir
         self.sock_dir = sock_dir or workdir
         self.qemu_img = qemu_img
         self.qemu_io = qemu_io
@@ -627,6 +630,19 @@ class Checker:
         self.verbose = verbose
 
     # -- workload execution --------------------------------------------
+
+    def tools(self, wl: Workload) -> Tuple[List[str], List[str]]:
+        """qemu-img and qemu-io that run the steps of @wl"""
+        if not wl.mutant:
+            return self.qemu_img, self.qemu_io
+        d = os.path.join(self.mutants_dir, wl.mutant, 'bin')
+        img = os.path.join(d, 'qemu-img')
+        qio = os.path.join(d, 'qemu-io')
+        if not (os.access(img, os.X_OK) and os.access(qio, os.X_OK)):
+            raise RuntimeError(f'mutant {wl.mutant} is not built in '
+                               f'{self.mutants_dir or "(no directory)"}; '
+                               f'see scripts/build-mutant.sh')
+        return [img], [qio]
 
     def run_workload(self, wl: Workload) -> 'Result':
         wdir = os.path.join(self.workdir, 'wl')
@@ -698,9 +714,8 @@ class Checker:
     def _run_step(self, server: RecordingNBDServer, wl: Workload, step: Step,
                   sock: str, backing_path: Optional[str],
                   ops: List[GuestOp]) -> None:
+        qemu_img, qemu_io = self.tools(wl)
         opts = wl.fmt.runtime_opts(sock, wl.base_on_nbd, backing_path)
-        if wl.break_ordering:
-            opts['x-break-ordering'] = wl.break_ordering
         opts.update(step.opts)
         filename = 'json:' + json.dumps(opts)
         if step.kind == 'img':
@@ -708,7 +723,7 @@ class Checker:
             wdir = os.path.dirname(backing_path or self.workdir)
             args = [a.replace('@IMG@', filename).replace('@WDIR@', wdir)
                     for a in step.args]
-            p = subprocess.run(self.qemu_img + args, cwd=os.path.dirname(
+            p = subprocess.run(qemu_img + args, cwd=os.path.dirname(
                 backing_path or self.workdir), stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, check=False)
             if p.returncode != 0:
@@ -727,7 +742,7 @@ class Checker:
             ops.append(op)
             return
 
-        args = self.qemu_io + ['-t', step.cache, filename]
+        args = qemu_io + ['-t', step.cache, filename]
         qio = QemuIO(args)
         writethrough = step.cache in ('writethrough', 'directsync')
         pending_aio: List[GuestOp] = []
@@ -1338,7 +1353,27 @@ class Patterns:
 
 # In the quick run (make check), the largest cluster size only runs these
 QUICK_LARGE = ('partial-alloc-c', 'concurrent-c', 'commit-c', 'resize-c',
-               'negative-skip-image-flush-c', 'negative-bit-before-data-c')
+               'mutant-skip-image-flush-c', 'mutant-bit-before-data-c')
+
+# The negative controls: add-cow-mutants/NAME.patch breaks the ordering of
+# an allocating write; scripts/build-mutant.sh builds it into its own
+# qemu-img and qemu-io, which run the partial-alloc workload.  Every
+# patch at the top of add-cow-mutants/ must be listed (main() checks).
+MUTANT_PATCHES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              'add-cow-mutants')
+MUTANTS = ('bit-before-data', 'flush-metadata', 'skip-image-flush')
+
+
+def copy_mutants(src: str, dst: str) -> str:
+    """Private copies of the mutants built in @src (NAME/bin/...)"""
+    for name in MUTANTS:
+        for prog in ('qemu-img', 'qemu-io'):
+            path = os.path.join(src, name, 'bin', prog)
+            if os.path.exists(path):
+                d = os.path.join(dst, name, 'bin')
+                os.makedirs(d, exist_ok=True)
+                shutil.copy2(path, d)
+    return dst
 
 
 def workloads(fmt_name: str, cluster_sizes: List[int],
@@ -1454,10 +1489,9 @@ def workloads(fmt_name: str, cluster_sizes: List[int],
         ], grow={'meta': 1 << 20, 'image': 2 * size}))
 
         if negative and fmt_name == 'add-cow':
-            for mode in ('skip-image-flush', 'bit-before-data',
-                         'flush-metadata'):
-                out.append(Workload(f'negative-{mode}-c{c}', fmt(),
-                                    [io(partial)], break_ordering=mode,
+            for name in MUTANTS:
+                out.append(Workload(f'mutant-{name}-c{c}', fmt(),
+                                    [io(partial)], mutant=name,
                                     expect_violation=True))
     if quick and len(cluster_sizes) > 1:
         big = f'-c{max(cluster_sizes)}'
@@ -1513,8 +1547,8 @@ def run_all(wls: List[Workload], checker: Checker, log=print,
 
 
 def default_checker(workdir: str, qemu_img: List[str], qemu_io: List[str],
-                    long: bool = False) -> Checker:
-    return Checker(workdir, qemu_img, qemu_io,
+                    long: bool = False, mutants_dir: str = '') -> Checker:
+    return Checker(workdir, qemu_img, qemu_io, mutants_dir=mutants_dir,
                    exhaustive_bits=env_int('ADD_COW_CRASH_EXHAUSTIVE_BITS',
                                            12 if long else 6),
                    samples=env_int('ADD_COW_CRASH_SAMPLES',
@@ -1532,12 +1566,22 @@ def main() -> int:
                     help='exhaustive bound 12, large sample and budget')
     ap.add_argument('--cluster-sizes', default='512,4096,65536')
     ap.add_argument('--only', default='', help='substring of workload names')
-    ap.add_argument('--no-negative', action='store_true')
+    ap.add_argument('--no-negative', action='store_true',
+                    help='no mutant workloads')
     ap.add_argument('--build', default=os.path.join(
         os.path.dirname(os.path.abspath(__file__)),
         '../../../.build/build'))
+    ap.add_argument('--mutants', default='',
+                    help='where scripts/build-mutant.sh put the mutants '
+                    '(default: BUILD/add-cow-mutants)')
     ap.add_argument('--workdir', default='')
     a = ap.parse_args()
+    patches = sorted(f[:-len('.patch')] for f in os.listdir(MUTANT_PATCHES)
+                     if f.endswith('.patch'))
+    if not a.no_negative and patches != sorted(MUTANTS):
+        print(f'MUTANTS {sorted(MUTANTS)} differs from the patches in '
+              f'{MUTANT_PATCHES}: {patches}')
+        return 1
     import tempfile
     workdir = a.workdir or tempfile.mkdtemp(prefix='add-cow-crash.')
     os.makedirs(workdir, exist_ok=True)
@@ -1550,7 +1594,10 @@ def main() -> int:
         shutil.copy2(src, dst)
         tools.append([dst])
     qemu_img, qemu_io = tools
-    checker = default_checker(workdir, qemu_img, qemu_io, a.long)
+    mutants = copy_mutants(a.mutants or os.path.join(a.build,
+                                                     'add-cow-mutants'),
+                           os.path.join(workdir, 'mutants'))
+    checker = default_checker(workdir, qemu_img, qemu_io, a.long, mutants)
     wls = [w for w in workloads(a.format,
                                 [int(x) for x in a.cluster_sizes.split(',')],
                                 not a.no_negative, quick=not a.long)
