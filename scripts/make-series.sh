@@ -28,6 +28,9 @@ proj() {
 committed=$(proj ls-tree -r --name-only HEAD)
 test_files=$(echo "$committed" | grep -E \
     '^tests/(qemu-iotests/tests/add[-_]cow|image-fuzzer/add_cow/)' || true)
+# add-cow reference outputs of QEMU's own tests
+qed_test_outputs=$(echo "$committed" |
+                   grep -E '^tests/qemu-iotests/[^/]*\.out\.add-cow$' || true)
 patch_files=$(echo "$committed" | grep -E '^patches/[^/]*\.patch$' || true)
 
 rm -rf "$repo" "$out" "$top/out/series-tree"
@@ -63,11 +66,13 @@ put() {
         git update-index --add --cacheinfo "$mode,$blob,$f"
     done
 }
-# apply REGEX: apply the patch files whose name matches REGEX, in order
+# apply REGEX [EXCLUDE]: apply the patch files whose name matches REGEX
+# (and not EXCLUDE), in order
 apply() {
     local p
     for p in $patch_files; do
-        if echo "/$p" | grep -qE "$1"; then
+        if echo "/$p" | grep -qE "$1" &&
+           ! { [ -n "${2:-}" ] && echo "/$p" | grep -qE "$2"; }; then
             proj cat-file blob "HEAD:$p" | git apply --cached
         fi
     done
@@ -164,7 +169,7 @@ section for the driver, its specification and its tests.
 MSG
 
 # 5. iotests harness
-apply '/[0-9]+-(iotests|image-fuzzer)'
+apply '/[0-9]+-(iotests|image-fuzzer)' '/[0-9]+-iotests-add-cow-in-qed-tests'
 commit <<'MSG'
 iotests: accept the add-cow format
 
@@ -207,6 +212,20 @@ malformed headers, QMP, the lifecycle operations, fault injection, a
 crash-state checker with negative controls, a mutation fuzzer replay and
 an independent reader written from the specification alone, plus the
 add-cow image generator for tests/image-fuzzer.
+MSG
+
+# 8. QEMU's tests that run with qed run with add-cow too
+# shellcheck disable=SC2086
+put $qed_test_outputs
+apply '/[0-9]+-iotests-add-cow-in-qed-tests'
+commit <<'MSG'
+iotests: run the tests that list qed with add-cow too
+
+Every test whose format list names qed takes add-cow as well, except 116,
+which is about the QED header.  add-cow keeps guest data in a separate
+image file, so tests that copy or rename an image use _cp_test_img and
+_mv_test_img, and 043 and 099 have add-cow reference outputs where the
+output differs by design.
 MSG
 
 git update-ref refs/heads/add-cow "$head"

@@ -36,6 +36,7 @@ if [ "$want" != "$have" ]; then
     changed=$(git diff --name-only pristine -- . ':!block/add-cow*' \
               ':!tests/qemu-iotests/tests/add-cow*' \
               ':!tests/qemu-iotests/tests/add_cow*' \
+              ':!tests/qemu-iotests/*.out.add-cow' \
               ':!tests/image-fuzzer/add_cow*' \
               ':!docs/specs/add-cow.txt' ':!docs/interop/add-cow.rst' \
               ':!tests/unit/fuzz-add-cow*')
@@ -73,6 +74,7 @@ cd "$top"
 git ls-files --cached --others --exclude-standard \
     'block/add-cow*' 'docs/specs/add-cow*' 'docs/interop/add-cow*' \
     'tests/qemu-iotests/tests/add-cow*' 'tests/qemu-iotests/tests/add_cow*' \
+    'tests/qemu-iotests/*.out.add-cow' \
     'tests/image-fuzzer/add_cow*' 'tests/unit/fuzz-add-cow*' |
 while read -r f; do
     [ -f "$f" ] || continue
