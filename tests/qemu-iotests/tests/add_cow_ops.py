@@ -60,7 +60,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 # Refusals by add-cow of an operation qcow2 accepts that are legitimate:
 # (operation kind, regular expression on the error message, why).
-LEGIT_REFUSALS: List[Tuple[str, str, str]] = []
+LEGIT_REFUSALS: List[Tuple[str, str, str]] = [
+    ('amend', 'reads unallocated clusters from its backing file',
+     'image_file_raw=on needs an image without backing file; the qcow2 '
+     'side toggles lazy_refcounts, which has no such condition'),
+]
 
 KB = 1024
 MB = 1024 * 1024
@@ -172,6 +176,18 @@ def io_failed(out: str) -> bool:
                           out))
 
 
+def file_name(filename: str) -> str:
+    """The base name of the image file behind @filename, which may be a
+    json: description (e.g. of a node opened with backing: null, which a
+    snapshot on top then names as its backing file)"""
+    if filename.startswith('json:'):
+        opts = json.loads(filename[5:])
+        while isinstance(opts.get('file'), dict):
+            opts = opts['file']
+        filename = opts.get('file.filename', opts.get('filename', filename))
+    return os.path.basename(filename)
+
+
 def first_difference(a: bytes, b: bytes) -> int:
     """Offset of the first differing byte, or -1 (a size difference
     counts at the shorter length)"""
@@ -236,7 +252,7 @@ class OpsTester:
         self.outcomes: Counter = Counter()      # (kind, outcome) -> count
         self.divergences: List[str] = []
         self.refusals: List[str] = []
-        self.notes: List[str] = []
+        self.notes: Dict[str, List[int]] = {}  # note -> count, first seed
         self.sequences = 0
         self.steps = 0
         self.weights: Dict[str, int] = {}
@@ -437,7 +453,7 @@ class OpsTester:
                                  side.path(self.active))
         if rc != 0:
             raise OpFailed(f'qemu-img info: {out.strip()}')
-        return [os.path.basename(i['filename']) for i in json.loads(out)]
+        return [file_name(i['filename']) for i in json.loads(out)]
 
     def read_offline(self, side: Side, name: str) -> bytes:
         out = os.path.join(self.workdir, f'dump-{side.key}.raw')
@@ -485,16 +501,29 @@ class OpsTester:
                     f'{end - off} differing bytes from there')
         return ''
 
+    def note(self, msg: str) -> None:
+        """Record something that is not a divergence, with a seed to
+        replay it"""
+        self.notes.setdefault(' '.join(msg.split()), [0, self.seed])[0] += 1
+
+    def short(self, msg: str) -> str:
+        """@msg without the directory of the sequence, cut to a line"""
+        for side in self.sides:
+            msg = msg.replace(side.dir + '/', '')
+        return ' '.join(msg.split())[:300]
+
     def diverge(self, msg: str) -> None:
         raise Divergence(msg)
 
     # -- applying one operation to both chains -----------------------------
 
     def apply(self, kind: str, desc: str, run: Callable[[Side], None],
-              online: bool, loose: Optional[Tuple[int, int]] = None) -> None:
+              online: bool, loose: Optional[Tuple[int, int]] = None,
+              rebased: str = '') -> None:
         """Apply an operation to Q, then to A, and compare.  @loose is
         the range of a discard, whose content is not defined afterwards
-        (see discard_differences())"""
+        (see discard_differences()); @rebased the layer that an unsafe
+        rebase gave other backing data (see rebase_differences())"""
         self.steps += 1
         self.history.append(desc)
         self.applied[kind] += 1
@@ -518,28 +547,42 @@ class OpsTester:
         self.vlog(f'  [{self.steps}] {desc}: {outcome}'
                   + (f' (qcow2: {qerr})' if qerr else '')
                   + (f' (add-cow: {aerr})' if aerr else ''))
-        try:
-            states = {s.key: self.state(s) for s in self.sides}
-        except OpFailed as e:
-            self.diverge(f'cannot read the result: {e}')
-        except Crash as e:
-            self.diverge(f'crash reading the result: {e}')
+        states, unreadable = {}, {}
+        for s in self.sides:
+            try:
+                states[s.key] = self.state(s)
+            except OpFailed as e:
+                unreadable[s.key] = self.short(str(e))
+            except Crash as e:
+                self.diverge(f'crash reading the {s.fmt} chain: {e}')
+        if 'Q' in unreadable:
+            # The oracle itself cannot be opened any more (e.g. a snapshot
+            # of a node whose backing differs from its header stores a
+            # json: backing name that qemu-img rejects): nothing to compare
+            # against, the sequence ends
+            self.note(f'{kind}: the qcow2 chain could not be read '
+                      f'afterwards, sequence ended: {unreadable["Q"]}'
+                      + ('' if 'A' in unreadable else
+                         ' (the add-cow chain could)'))
+            raise Refusal(unreadable['Q'])
+        if 'A' in unreadable:
+            self.diverge(f'the add-cow chain cannot be read: '
+                         f'{unreadable["A"]}')
         (ca, va), (cq, vq) = states['A'], states['Q']
         if aerr and not qerr:
             d = self.diff_views(va, self.A.last, 'now', 'before')
             if d or ca != self.A.chain:
                 self.diverge(f'add-cow failed ({aerr}) and changed the '
                              f'content: {d or f"chain {ca}"}')
-            if not self.diff_views(vq, self.Q.last) and cq == self.Q.chain:
-                self.notes.append(f'{kind}: add-cow refused ({aerr}), '
-                                  f'a no-op for qcow2')
-            else:
-                msg = f'{kind}: add-cow refused: {aerr}'
-                for k, rx, _why in LEGIT_REFUSALS:
-                    if k == kind and re.search(rx, aerr):
-                        self.refusals.append(msg)
-                        raise Refusal(msg)
+            why = [w for k, rx, w in LEGIT_REFUSALS
+                   if k == kind and re.search(rx, aerr)]
+            if not why:
                 self.diverge(f'add-cow refused what qcow2 did: {aerr}')
+            self.refusals.append(f'{kind}: {why[0]}')
+            if self.diff_views(vq, self.Q.last) or cq != self.Q.chain:
+                # qcow2 changed, add-cow did not: out of step from here
+                raise Refusal(aerr)
+            # a no-op for qcow2: both chains are still in step
         elif qerr and aerr:
             for s, c, v in ((self.A, ca, va), (self.Q, cq, vq)):
                 d = self.diff_views(v, s.last, 'now', 'before')
@@ -551,12 +594,14 @@ class OpsTester:
             self.diverge(f'chains differ: add-cow {ca}, qcow2 {cq}')
         if loose and not qerr and not aerr:
             va, vq = self.discard_differences(loose, va, vq)
+        if rebased and not qerr and not aerr and ca == cq:
+            va, vq = self.rebase_differences(rebased, cq, va, vq)
         d = self.diff_views(va, vq)
         if d:
             self.diverge(d + (f' (qcow2 failed: {qerr})' if qerr else ''))
         if qerr and not aerr:
-            self.notes.append(f'{kind}: qcow2 refused ({qerr}), add-cow '
-                              f'did it with the same result')
+            self.note(f'{kind}: qcow2 refused ({qerr}), add-cow '
+                      f'did it with the same result')
         for s, c, v in ((self.A, ca, va), (self.Q, cq, vq)):
             s.chain, s.last = c, v
         if not online:
@@ -594,9 +639,67 @@ class OpsTester:
         for side in self.sides:
             for start, end in runs:
                 self.hmp_io(side, f'write -z {start} {end - start}')
-        self.notes.append('discard: qcow2 reads zeros where add-cow keeps '
-                          'the old data (zeroed in both to go on)')
+        self.note('discard: qcow2 reads zeros where add-cow keeps '
+                  'the old data (zeroed in both to go on)')
         self.outcomes[('discard', 'differs-legitimately')] += 1
+        return self.state(self.A)[1], self.state(self.Q)[1]
+
+    def mark_loose(self, layer: str, start: int, end: int) -> None:
+        """[start, end) of @layer reads zeros in both chains, but one may
+        say so with unallocated clusters and the other with zero clusters:
+        a difference that only shows once the layer has other backing data
+        (rebase_differences())"""
+        self.loose.setdefault(layer, []).append((start, end))
+
+    def move_loose(self, src: List[str], dst: str) -> None:
+        """The data of the layers @src went into @dst (commit, stream)"""
+        for layer in src:
+            self.loose.setdefault(dst, []).extend(self.loose.get(layer, []))
+
+    def rebase_differences(self, layer: str, chain: List[str],
+                           va: Dict[str, bytes], vq: Dict[str, bytes]
+                           ) -> Tuple[Dict[str, bytes], Dict[str, bytes]]:
+        """After qemu-img rebase -u gave @layer other backing data, a
+        byte that read zero through a zero write or a discard in one of
+        the layer's loose ranges may read the new backing data in one chain
+        (unallocated there) and zero in the other (a zero cluster).  Where
+        that is the only difference, zero the bytes in both chains and note
+        it; anything else is left for the caller."""
+        i = chain.index(layer)
+        a, q, old = va[layer], vq[layer], self.Q.last.get(layer, b'')
+        new = vq[chain[i + 1]] if i + 1 < len(chain) else b''
+        if len(a) != len(q) or a == q:
+            return va, vq
+        mask = bytearray(len(a))
+        for start, end in self.loose.get(layer, []):
+            end = min(end, len(a))
+            if start < end:
+                mask[start:end] = b'\x01' * (end - start)
+        runs = []
+        pos = 0
+        while True:
+            off = first_difference(a[pos:], q[pos:])
+            if off < 0:
+                break
+            start = j = pos + off
+            while j < len(a) and a[j] != q[j]:
+                allowed = (0, old[j] if j < len(old) else 0,
+                           new[j] if j < len(new) else 0)
+                if not mask[j] or a[j] not in allowed or q[j] not in allowed:
+                    return va, vq
+                j += 1
+            runs.append((start, j))
+            pos = j
+        for side in self.sides:
+            rc, out = self.tools.io(side.fmt_of(layer), side.path(layer),
+                                    *[f'write -z {s} {e - s}'
+                                      for s, e in runs])
+            if rc != 0 or io_failed(out):
+                self.diverge(f'{side.fmt}: could not zero {layer}: {out}')
+        self.note('rebase -u: the new backing data shows through '
+                  'where one chain has unallocated clusters and the '
+                  'other zero clusters (zeroed in both to go on)')
+        self.outcomes[('rebase-u', 'differs-legitimately')] += 1
         return self.state(self.A)[1], self.state(self.Q)[1]
 
     def check_all(self) -> None:
@@ -620,10 +723,14 @@ class OpsTester:
                         ' / '.join(out.strip().splitlines()[:6])
                     if side.key == 'A':
                         self.diverge(what)
-                    self.notes.append(what)
+                    self.note(self.short(what))
             if side.key == 'Q':
                 continue    # the oracle's own repairs are not under test
-            chain, views = self.state(side)
+            try:
+                chain, views = self.state(side)
+            except OpFailed as e:
+                self.diverge(f'add-cow: unreadable after check -r all: '
+                             f'{self.short(str(e))}')
             if chain != side.chain:
                 self.diverge(f'{side.fmt}: check -r all changed the chain '
                              f'{side.chain} -> {chain}')
@@ -708,16 +815,19 @@ class OpsTester:
         off, n = self.rand_extent()
         self.on_io(kind, f'write -P 0x{self.next_pattern():02x} {off} {n}')
 
-    def on_zero(self, kind: str) -> None:
+    def on_zero(self, kind: str, flags: str = '') -> None:
         off, n = self.rand_extent()
-        self.on_io(kind, f'write -z {off} {n}')
+        if len(self.Q.chain) == 1 and not self.null_session:
+            # no backing file: zeros may stay unallocated clusters
+            self.mark_loose(self.Q.chain[0], off, off + n)
+        self.on_io(kind, f'write -z {flags}{off} {n}')
 
     def on_zero_unmap(self, kind: str) -> None:
-        off, n = self.rand_extent()
-        self.on_io(kind, f'write -z -u {off} {n}')
+        self.on_zero(kind, '-u ')
 
     def on_discard(self, kind: str) -> None:
         off, n = self.rand_extent()
+        self.mark_loose(self.Q.chain[0], off, off + n)
         self.on_io(kind, f'discard {off} {n}', (off, off + n))
 
     def on_flush(self, kind: str) -> None:
@@ -730,7 +840,12 @@ class OpsTester:
 
     def on_change_backing_file(self, kind: str) -> None:
         chain = self.Q.chain
-        i = self.rng.randrange(0, len(chain))
+        # mostly a layer that has a backing file; the bottom one now and
+        # then, which both formats must refuse
+        if len(chain) > 1 and self.rng.random() < 0.85:
+            i = self.rng.randrange(0, len(chain) - 1)
+        else:
+            i = self.rng.randrange(0, len(chain))
         layer = chain[i]
         k = self.rng.random()
         # QMP change-backing-file stores the format of the image itself as
@@ -773,6 +888,7 @@ class OpsTester:
                 args['backing-file'] = bf
             self.qmp_ok(side, 'block-stream', **args)
             self.wait_job(side, 'job', False)
+        self.move_loose(chain[t + 1:b], chain[t])
         self.apply(kind, f'block-stream into {chain[t]}'
                    + (f' base-node {chain[b]}' if b is not None else '')
                    + (f' backing-file "{bf}"' if bf is not None else ''),
@@ -794,6 +910,7 @@ class OpsTester:
                 args['backing-file'] = bf
             self.qmp_ok(side, 'block-commit', **args)
             self.wait_job(side, 'job', False)
+        self.move_loose(chain[t:b], chain[b])
         self.apply(kind, f'block-commit {chain[t]} into {chain[b]}'
                    + (f' backing-file "{bf}"' if bf is not None else ''),
                    run, True)
@@ -816,6 +933,7 @@ class OpsTester:
                                         self.online_chain(side)]:
                 self.qmp(side, 'blockdev-del', **{'node-name':
                                                   f'{side.key}top'})
+        self.move_loose(chain[:b], chain[b])
         self.apply(kind, f'block-commit (active) {chain[0]} into {chain[b]}',
                    run, True)
 
@@ -861,6 +979,7 @@ class OpsTester:
         getattr(self, 'off_' + kind.replace('-', '_'))(kind)
 
     def off_open(self, kind: str, null_backing: bool = False) -> None:
+        self.null_session = null_backing
         self.apply(kind, 'open' + (' with backing: null' if null_backing
                                    else ''),
                    lambda side: self.launch(side, null_backing), True)
@@ -885,7 +1004,7 @@ class OpsTester:
                                       self.Q.fmt_of(f), self.Q.path(f))
             if rc != 0:
                 continue
-            if layer not in [os.path.basename(i['filename'])
+            if layer not in [file_name(i['filename'])
                              for i in json.loads(info)]:
                 out.append(f)
         return out
@@ -913,10 +1032,14 @@ class OpsTester:
             rc, out = self.tools.img(*args, side.path(layer))
             if rc != 0:
                 raise OpFailed(out.strip())
+        i = self.Q.chain.index(layer)
+        old = self.Q.chain[i + 1] if i + 1 < len(self.Q.chain) else ''
         self.apply(kind, f'qemu-img rebase{" -u" if unsafe else ""} '
                    f'{layer} -> '
                    + (f'{target}{" (absolute)" if absolute else ""}'
-                      if target else '""'), run, False)
+                      if target else '""'), run, False,
+                   rebased=layer if unsafe and target and target != old
+                   and self.loose.get(layer) else '')
 
     def off_rebase(self, kind: str) -> None:
         self.do_rebase(kind, False)
@@ -942,6 +1065,8 @@ class OpsTester:
             rc, out = self.tools.img(*args, side.path(chain[i]))
             if rc != 0:
                 raise OpFailed(out.strip())
+        self.move_loose(chain[i:b if b is not None else i + 1],
+                        chain[b if b is not None else i + 1])
         self.apply(kind, f'qemu-img commit {chain[i]}'
                    + (f' -b {chain[b]}' if b is not None else '')
                    + (' -d' if drop else ''), run, False)
@@ -954,10 +1079,16 @@ class OpsTester:
         i = self.rng.choice(layers)
         layer = chain[i]
         k = self.rng.random()
-        if k < 0.4 and i + 1 < len(chain):
+        if k < 0.3 and i + 1 < len(chain):
             what = 'backing_fmt'
-        elif k < 0.8:
-            what = 'other'
+        elif k < 0.55:
+            what = 'image_file'
+        elif k < 0.85:
+            # add-cow refuses while there is a backing file (LEGIT_REFUSALS)
+            what = 'image_file_raw'
+            if i + 1 == len(chain):
+                # zeros may now be allocated clusters in add-cow only
+                self.mark_loose(layer, 0, self.size)
         else:
             what = 'cluster_size'
 
@@ -969,8 +1100,11 @@ class OpsTester:
             elif what == 'cluster_size':
                 args += ['-o', 'cluster_size=1024']
             elif side.fmt == 'qcow2':
+                # no qcow2 counterpart: an option that keeps the content
                 lazy = 'on' if self.rng_side.random() < 0.5 else 'off'
                 args += ['-o', f'lazy_refcounts={lazy}']
+            elif what == 'image_file_raw':
+                args += ['-o', 'image_file_raw=on']
             else:
                 # The user renames the image file and says so
                 old = self.image_file_of(side, layer)
@@ -1065,6 +1199,7 @@ class OpsTester:
 
     def run_sequence(self, seed: int, nsteps: int) -> bool:
         """One sequence; False on a divergence"""
+        self.seed = seed
         self.rng = random.Random(seed)
         # side-specific choices (e.g. which qcow2 option amend toggles)
         # must not shift the shared sequence
@@ -1072,6 +1207,8 @@ class OpsTester:
         self.pattern = 0
         self.snap = 0
         self.history: List[str] = []
+        self.loose: Dict[str, List[Tuple[int, int]]] = {}
+        self.null_session = False
         self.online = False
         root = tempfile.mkdtemp(prefix=f'seq-{seed}-', dir=self.workdir)
         self.Q = Side('Q', 'qcow2', root)
@@ -1094,6 +1231,10 @@ class OpsTester:
             self.report(seed, str(e))
         except Refusal:
             pass
+        except (OpFailed, Crash) as e:
+            ok = False
+            self.report(seed, f'unexpected failure outside an operation: '
+                        f'{e}')
         finally:
             for side in self.sides:
                 if side.vm is not None:
@@ -1142,10 +1283,10 @@ class OpsTester:
                             sorted(self.outcomes.items()) if k == kind)
             out.append(f'  {kind}: {self.applied[kind]}'
                        + (f' ({res})' if res else ''))
-        for r in sorted(set(self.refusals)):
-            out.append(f'  refusal: {r}')
-        for n in sorted(set(self.notes)):
-            out.append(f'  note: {n}')
+        for r, n in sorted(Counter(self.refusals).items()):
+            out.append(f'  refused by add-cow as expected ({n}x): {r}')
+        for n, (count, seed) in sorted(self.notes.items()):
+            out.append(f'  note ({count}x, first in seed {seed}): {n}')
         return out
 
 
