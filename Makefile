@@ -4,7 +4,8 @@
 # QEMU 10.2.2 (Debian's 1:10.2.2+ds-1 source package).
 
 .PHONY: all build demo check check-generic check-qcow2-quick check-system \
-        check-asan check-crash check-ops bench docs series clean distclean
+        check-asan check-crash check-ops coverage fuzz bench docs series \
+        clean distclean
 
 all: build
 
@@ -49,6 +50,16 @@ check-ops: build
 check-asan:
 	@scripts/check-asan.sh
 
+# Line and branch coverage of block/add-cow*.c by the add-cow iotests, from
+# an --enable-gcov build in .build/gcov (docs/add-cow-testing-coverage.md)
+coverage:
+	@scripts/coverage.sh
+
+# Coverage-guided fuzzing of the driver with libFuzzer for FUZZ_SECONDS
+# (default 600), from seeds made by qemu-img; clang build in .build/fuzz
+fuzz: build
+	@scripts/fuzz.sh
+
 bench: build
 	@python3 scripts/bench.py
 
@@ -62,7 +73,7 @@ series: build
 
 clean:
 	rm -rf .build/build .build/docs .build/demo .build/iotests-logs \
-	    .build/iotests-scratch
+	    .build/iotests-scratch .build/gcov .build/fuzz .build/fuzz-work
 
 distclean:
 	rm -rf .build .cache out

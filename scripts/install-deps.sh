@@ -4,7 +4,7 @@
 # Install what building QEMU 10.2.2 with add-cow and running its tests needs
 # on Debian 12 (bookworm).  Idempotent and quiet when everything is present.
 #
-# Usage: install-deps.sh [docs]
+# Usage: install-deps.sh [docs|coverage|fuzz]
 #
 # meson >= 1.5 comes from bookworm-backports.  The backports entry is derived
 # from the machine's existing apt sources, so no mirror host is named here.
@@ -20,6 +20,14 @@ PKGS="$PKGS e2fsprogs"
 # "install-deps.sh docs": also what QEMU's Sphinx manual needs (make docs)
 if [ "${1:-}" = docs ]; then
     PKGS="$PKGS python3-sphinx python3-sphinx-rtd-theme"
+fi
+# "coverage": the report of the --enable-gcov build (make coverage)
+if [ "${1:-}" = coverage ]; then
+    PKGS="$PKGS gcovr"
+fi
+# "fuzz": clang with libFuzzer and the sanitizer runtimes (make fuzz)
+if [ "${1:-}" = fuzz ]; then
+    PKGS="$PKGS clang-14 libclang-rt-14-dev"
 fi
 
 SUDO=

@@ -182,7 +182,7 @@ image format from its generator module.
 MSG
 
 # 6. The in-process fuzzer (run by the add-cow-fuzz-inproc iotest)
-put tests/unit/fuzz-add-cow.c
+put tests/unit/fuzz-add-cow.c tests/unit/fuzz-add-cow.h
 apply '/[0-9]+-tests'
 commit <<'MSG'
 tests/unit: add-cow in-process fuzzer
@@ -198,6 +198,9 @@ open that changed the image ends the run with a replayable case number.
 
 It is built like the block unit tests but is not a test() of the unit
 suite: the add-cow-fuzz-inproc iotest runs a short fixed-seed replay.
+With --enable-fuzzing, fuzz-add-cow-libfuzzer runs the same executions
+under libFuzzer, guided by the coverage of the driver; --replay runs
+such inputs once each in any build.
 MSG
 
 # 7. add-cow iotests

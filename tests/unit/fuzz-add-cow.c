@@ -30,6 +30,15 @@
  * (see docs/add-cow-testing-faults.md) end the run with the iteration
  * number.  Each execution's input is also kept as DIR/last-input.add-cow,
  * and "--seed S --first N --iterations 1" replays execution N alone.
+ *
+ * Built with -DADD_COW_LIBFUZZER (fuzz-add-cow-libfuzzer, in a build
+ * configured with --enable-fuzzing: scripts/fuzz.sh), the same execution
+ * runs under libFuzzer, with the coverage of block/add-cow*.c as feedback:
+ * the input is the .add-cow file, opened beside the image and backing
+ * files of a 64 KiB-cluster seed.  Half of the mutations are libFuzzer's,
+ * half the format-aware ones below.  "--replay PATH..." runs such inputs
+ * once each in a build without libFuzzer: a crash reproducer, and the line
+ * coverage of a corpus in the gcov build (scripts/coverage.sh).
  */
 
 #include "qemu/osdep.h"
@@ -158,19 +167,12 @@ typedef struct Stats {
 } Stats;
 
 static const char *opt_dir;
-static const char *opt_corpus;
-static uint64_t opt_seed = 1;
-static uint64_t opt_iterations;
-static uint64_t opt_first;
-static double opt_duration;
-static double opt_progress = 10;
-static unsigned opt_timeout = 60;
+static unsigned opt_timeout = 60;           /* 0: no watchdog */
 static bool opt_verbose;
 static bool opt_flush;
 
-static GPtrArray *seeds;
 static Stats st;
-static char *last_input_path;
+static char *last_input_path;    /* NULL: not kept */
 static uint8_t *io_buf;
 #define IO_BUF_SIZE (256 * 1024)
 
@@ -221,46 +223,6 @@ static void G_GNUC_PRINTF(1, 2) G_NORETURN die(const char *fmt, ...)
     abort();
 }
 
-static void death_handler(int sig)
-{
-    /* Only async-signal-safe calls; the message was formatted earlier */
-    if (sig == SIGALRM) {
-        static const char hang[] = "fuzz-add-cow: FAILURE: hang "
-            "(watchdog expired)\n";
-        if (write(2, hang, sizeof(hang) - 1) < 0) {
-            /* nothing to do */
-        }
-    }
-    if (write(2, death_msg, death_msg_len) < 0) {
-        /* nothing to do */
-    }
-    if (sig == SIGALRM) {
-        signal(SIGABRT, SIG_DFL);
-        abort();
-    }
-}
-
-static void install_handlers(void)
-{
-    static const int fatal[] = { SIGSEGV, SIGBUS, SIGFPE, SIGILL };
-    struct sigaction sa = {
-        .sa_handler = death_handler,
-        .sa_flags = SA_RESETHAND | SA_NODEFER,
-    };
-
-    sigaction(SIGABRT, &sa, NULL);
-    sigaction(SIGALRM, &sa, NULL);
-    for (int i = 0; i < ARRAY_SIZE(fatal); i++) {
-        struct sigaction old;
-
-        /* Keep a sanitizer's handler: it reports, then aborts */
-        sigaction(fatal[i], NULL, &old);
-        if (old.sa_handler == SIG_DFL) {
-            sigaction(fatal[i], &sa, NULL);
-        }
-    }
-}
-
 static void write_file(const char *path, const void *data, size_t len)
 {
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -294,23 +256,6 @@ static int count_fds(void)
     }
     g_dir_close(d);
     return n;
-}
-
-static long rss_kib(void)
-{
-    g_autofree char *s = NULL;
-    long pages = 0, rss = 0;
-
-    if (!g_file_get_contents("/proc/self/statm", &s, NULL, NULL) ||
-        sscanf(s, "%ld %ld", &pages, &rss) != 2) {
-        return -1;
-    }
-    return rss * (qemu_real_host_page_size() / 1024);
-}
-
-static double now(void)
-{
-    return g_get_monotonic_time() / 1e6;
 }
 
 static void report_error(Error *err)
@@ -361,7 +306,7 @@ static void fill_file(const char *path, int byte, int64_t len)
  * partial write in cluster 1 and a full write of cluster 3; "full" seeds
  * have every cluster written (the all-allocated autoclear bit).
  */
-static void make_seed(unsigned cluster_bits, char kind)
+static Seed *make_seed(unsigned cluster_bits, char kind)
 {
     int64_t cs = 1LL << cluster_bits;
     int64_t size = MAX(5 * cs + cs / 2, 65536 + 512);
@@ -433,83 +378,7 @@ static void make_seed(unsigned cluster_bits, char kind)
     if (base) {
         seed_add_file(s, base);
     }
-    g_ptr_array_add(seeds, s);
-}
-
-static void make_seeds(void)
-{
-    for (unsigned cb = 9; cb <= 21; cb++) {
-        make_seed(cb, 'n');
-        make_seed(cb, 'b');
-    }
-    make_seed(9, 'f');
-    make_seed(12, 'f');
-    make_seed(16, 'f');
-    make_seed(21, 'f');
-}
-
-/*
- * --corpus DIR: each .add-cow file of DIR is a seed; every file of DIR is
- * copied next to it into its own directory, so that names in its header
- * resolve as in DIR.
- */
-static void load_corpus(void)
-{
-    g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
-    GDir *d;
-    const char *n;
-
-    d = g_dir_open(opt_corpus, 0, NULL);
-    if (!d) {
-        die("cannot read the corpus directory %s", opt_corpus);
-    }
-    while ((n = g_dir_read_name(d))) {
-        g_autofree char *p = g_build_filename(opt_corpus, n, NULL);
-
-        if (g_file_test(p, G_FILE_TEST_IS_REGULAR)) {
-            g_ptr_array_add(names, g_strdup(n));
-        }
-    }
-    g_dir_close(d);
-    g_ptr_array_sort(names, (GCompareFunc)g_strcmp0);
-
-    for (guint i = 0; i < names->len; i++) {
-        const char *sname = g_ptr_array_index(names, i);
-        g_autofree char *sub = NULL;
-        g_autofree char *dir = NULL;
-        gsize len;
-        Seed *s;
-
-        if (!g_str_has_suffix(sname, ".add-cow")) {
-            continue;
-        }
-        sub = g_strdup_printf("corpus-%u", i);
-        dir = g_build_filename(opt_dir, sub, NULL);
-        g_mkdir_with_parents(dir, 0755);
-        s = seed_new(dir, sname);
-        for (guint j = 0; j < names->len; j++) {
-            const char *fname = g_ptr_array_index(names, j);
-            g_autofree char *from = g_build_filename(opt_corpus, fname, NULL);
-            g_autofree char *to = g_build_filename(dir, fname, NULL);
-            g_autofree char *content = NULL;
-
-            if (!g_file_get_contents(from, &content, &len, NULL)) {
-                die("cannot read %s", from);
-            }
-            write_file(to, content, len);
-            if (i == j) {
-                s->seed_path = g_strdup(to);
-                s->data = (uint8_t *)g_steal_pointer(&content);
-                s->len = len;
-            } else {
-                seed_add_file(s, to);
-            }
-        }
-        g_ptr_array_add(seeds, s);
-    }
-    if (!seeds->len) {
-        die("no .add-cow file in %s", opt_corpus);
-    }
+    return s;
 }
 
 /* ---- mutations (as add_cow_fuzz.py) --------------------------------- */
@@ -849,14 +718,21 @@ static MutateFn *const mutators[] = {
     mut_bitflip, mut_bitflip,
 };
 
-static void mutate(Buf *b, const Seed *s)
+static void buf_set(Buf *b, const uint8_t *data, size_t len)
+{
+    b->len = 0;
+    buf_resize(b, len);
+    if (len) {
+        memcpy(b->p, data, len);
+    }
+}
+
+/* 1 to 3 mutations of b, in place */
+static void mutate(Buf *b)
 {
     static const unsigned counts[] = { 1, 1, 1, 2, 2, 3 };
     unsigned n = counts[rnd_below(ARRAY_SIZE(counts))];
 
-    b->len = 0;
-    buf_resize(b, s->len);
-    memcpy(b->p, s->data, s->len);
     b->truncate_to = -1;
     g_string_truncate(b->ops, 0);
     for (unsigned i = 0; i < n; i++) {
@@ -865,22 +741,6 @@ static void mutate(Buf *b, const Seed *s)
     if (b->truncate_to >= 0 && b->truncate_to < b->len) {
         b->len = b->truncate_to;
     }
-}
-
-/* Fixed regressions: the image file is the .add-cow file itself */
-static void regression(Buf *b, const Seed *s, const char *fmt)
-{
-    static const char name[] = "case.add-cow";
-
-    b->len = 0;
-    buf_resize(b, MAX(s->len, 2048 + sizeof(name)));
-    memcpy(b->p, s->data, s->len);
-    memcpy(b->p + 2048, name, sizeof(name) - 1);
-    set_field(b, &fields[F_IMAGE_NAME_OFFSET], 2048);
-    set_field(b, &fields[F_IMAGE_NAME_SIZE], sizeof(name) - 1);
-    memset(b->p + IMAGE_FORMAT_OFF, 0, FMT_SIZE);
-    memcpy(b->p + IMAGE_FORMAT_OFF, fmt, strlen(fmt));
-    g_string_printf(b->ops, "regression: image file = itself as %s", fmt);
 }
 
 /* ---- execution ------------------------------------------------------ */
@@ -1040,9 +900,13 @@ static void run_case(const Seed *s, const Buf *b)
     BlockBackend *blk;
     bool opened = false;
 
-    alarm(opt_timeout);
+    if (opt_timeout) {
+        alarm(opt_timeout);
+    }
     restore_seed_files(s);
-    write_file(last_input_path, b->p, b->len);
+    if (last_input_path) {
+        write_file(last_input_path, b->p, b->len);
+    }
     write_file(s->case_path, b->p, b->len);
     st.execs++;
 
@@ -1127,7 +991,311 @@ static void run_case(const Seed *s, const Buf *b)
     if (blk_all_next(NULL)) {
         die("a BlockBackend is left after closing everything");
     }
-    alarm(0);
+    if (opt_timeout) {
+        alarm(0);
+    }
+}
+
+static void print_outcomes(void)
+{
+    printf("outcomes: %" PRIu64 " info opens, %" PRIu64 " read-only opens, "
+           "%" PRIu64 " read-write opens ok; %" PRIu64 " checks found "
+           "corruption; %" PRIu64 " repairs, %" PRIu64 " not clean after "
+           "repair; %" PRIu64 " resizes; %" PRIu64 " failed opens cleared "
+           "unknown autoclear bits\n", st.info_ok, st.ro_ok, st.rw_ok,
+           st.check_corrupt, st.repairs, st.still_corrupt, st.resizes_ok,
+           st.autoclear_notes);
+}
+
+/* ---- single inputs (libFuzzer, --replay) ---------------------------- */
+
+/*
+ * The files an input is opened beside: those of the seed with 64 KiB
+ * clusters and a backing file ("seed.add-cow.img", "base.raw"), the image
+ * file extended so that it covers the virtual size of every seed that
+ * scripts/fuzz.sh makes.
+ */
+#define INPUT_IMAGE_LEN (64 * 1024 * 1024)
+
+static Seed *input_context(void)
+{
+    Seed *s = make_seed(16, 'b');
+
+    g_array_index(s->files, SeedFile, 0).len = INPUT_IMAGE_LEN;
+    return s;
+}
+
+/* FNV-1a: an input makes its own random choices, so a replay repeats them */
+static uint64_t input_hash(const uint8_t *data, size_t len)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;
+
+    for (size_t i = 0; i < len; i++) {
+        h = (h ^ data[i]) * 0x100000001b3ULL;
+    }
+    return h;
+}
+
+static void run_input(const Seed *s, Buf *b, const uint8_t *data, size_t len)
+{
+    buf_set(b, data, len);
+    g_string_assign(b->ops, "(input)");
+    rng_seed(input_hash(data, len), 0);
+    run_case(s, b);
+}
+
+#ifdef ADD_COW_LIBFUZZER
+
+/* ---- libFuzzer entry points ----------------------------------------- */
+
+#include "fuzz-add-cow.h"
+
+static Seed *context;
+static Buf input;
+static int fds_at_start;
+
+static void print_outcomes_at_exit(void)
+{
+    print_outcomes();
+    printf("%" PRIu64 " executions, %" PRIu64 " opened ok, %" PRIu64
+           " rejected\n", st.execs, st.opened, st.rejected);
+}
+
+/* Work directory: $ADD_COW_FUZZ_DIR, or a new one in $TMPDIR */
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    const char *dir = g_getenv("ADD_COW_FUZZ_DIR");
+    g_autoptr(GError) err = NULL;
+
+    module_call_init(MODULE_INIT_QOM);
+    bdrv_init();
+    qemu_init_main_loop(&error_abort);
+    /* libFuzzer's -timeout uses SIGALRM, and it reports crashes itself */
+    opt_timeout = 0;
+
+    if (dir) {
+        if (g_mkdir_with_parents(dir, 0755) < 0) {
+            die("cannot create %s: %s", dir, strerror(errno));
+        }
+        opt_dir = dir;
+    } else {
+        opt_dir = g_dir_make_tmp("fuzz-add-cow-XXXXXX", &err);
+        if (!opt_dir) {
+            die("cannot create a work directory: %s", err->message);
+        }
+    }
+    io_buf = qemu_memalign(4096, IO_BUF_SIZE);
+    input.ops = g_string_new("");
+    context = input_context();
+    fds_at_start = count_fds();
+    atexit(print_outcomes_at_exit);
+    return 0;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    run_input(context, &input, data, size);
+    if ((st.execs & 1023) == 0) {
+        int fds = count_fds();
+
+        if (fds_at_start >= 0 && fds > fds_at_start + 32) {
+            die("file descriptors leak: %d open, %d at start", fds,
+                fds_at_start);
+        }
+    }
+    return 0;
+}
+
+/*
+ * Half of the time libFuzzer's own mutations (bytes, crossover with other
+ * inputs, the dictionary); else the format-aware ones, which change whole
+ * header fields consistently and so get past header validation far more
+ * often.
+ */
+size_t LLVMFuzzerCustomMutator(uint8_t *data, size_t size, size_t max_size,
+                               unsigned int seed)
+{
+    static Buf b;
+
+    rng_seed(seed, size);
+    if (rnd_below(2)) {
+        return LLVMFuzzerMutate(data, size, max_size);
+    }
+    if (!b.ops) {
+        b.ops = g_string_new("");
+    }
+    buf_set(&b, data, size);
+    mutate(&b);
+    size = MIN(b.len, max_size);
+    if (size) {
+        memcpy(data, b.p, size);
+    }
+    return size;
+}
+
+#else
+
+/* ---- standalone: generated seeds, watchdog, options ----------------- */
+
+static const char *opt_corpus;
+static uint64_t opt_seed = 1;
+static uint64_t opt_iterations;
+static uint64_t opt_first;
+static double opt_duration;
+static double opt_progress = 10;
+static bool opt_replay;
+
+static GPtrArray *seeds;
+
+static void death_handler(int sig)
+{
+    /* Only async-signal-safe calls; the message was formatted earlier */
+    if (sig == SIGALRM) {
+        static const char hang[] = "fuzz-add-cow: FAILURE: hang "
+            "(watchdog expired)\n";
+        if (write(2, hang, sizeof(hang) - 1) < 0) {
+            /* nothing to do */
+        }
+    }
+    if (write(2, death_msg, death_msg_len) < 0) {
+        /* nothing to do */
+    }
+    if (sig == SIGALRM) {
+        signal(SIGABRT, SIG_DFL);
+        abort();
+    }
+}
+
+static void install_handlers(void)
+{
+    static const int fatal[] = { SIGSEGV, SIGBUS, SIGFPE, SIGILL };
+    struct sigaction sa = {
+        .sa_handler = death_handler,
+        .sa_flags = SA_RESETHAND | SA_NODEFER,
+    };
+
+    sigaction(SIGABRT, &sa, NULL);
+    sigaction(SIGALRM, &sa, NULL);
+    for (int i = 0; i < ARRAY_SIZE(fatal); i++) {
+        struct sigaction old;
+
+        /* Keep a sanitizer's handler: it reports, then aborts */
+        sigaction(fatal[i], NULL, &old);
+        if (old.sa_handler == SIG_DFL) {
+            sigaction(fatal[i], &sa, NULL);
+        }
+    }
+}
+
+static long rss_kib(void)
+{
+    g_autofree char *s = NULL;
+    long pages = 0, rss = 0;
+
+    if (!g_file_get_contents("/proc/self/statm", &s, NULL, NULL) ||
+        sscanf(s, "%ld %ld", &pages, &rss) != 2) {
+        return -1;
+    }
+    return rss * (qemu_real_host_page_size() / 1024);
+}
+
+static double now(void)
+{
+    return g_get_monotonic_time() / 1e6;
+}
+
+
+
+static void make_seeds(void)
+{
+    for (unsigned cb = 9; cb <= 21; cb++) {
+        g_ptr_array_add(seeds, make_seed(cb, 'n'));
+        g_ptr_array_add(seeds, make_seed(cb, 'b'));
+    }
+    g_ptr_array_add(seeds, make_seed(9, 'f'));
+    g_ptr_array_add(seeds, make_seed(12, 'f'));
+    g_ptr_array_add(seeds, make_seed(16, 'f'));
+    g_ptr_array_add(seeds, make_seed(21, 'f'));
+}
+
+/*
+ * --corpus DIR: each .add-cow file of DIR is a seed; every file of DIR is
+ * copied next to it into its own directory, so that names in its header
+ * resolve as in DIR.
+ */
+static void load_corpus(void)
+{
+    g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
+    GDir *d;
+    const char *n;
+
+    d = g_dir_open(opt_corpus, 0, NULL);
+    if (!d) {
+        die("cannot read the corpus directory %s", opt_corpus);
+    }
+    while ((n = g_dir_read_name(d))) {
+        g_autofree char *p = g_build_filename(opt_corpus, n, NULL);
+
+        if (g_file_test(p, G_FILE_TEST_IS_REGULAR)) {
+            g_ptr_array_add(names, g_strdup(n));
+        }
+    }
+    g_dir_close(d);
+    g_ptr_array_sort(names, (GCompareFunc)g_strcmp0);
+
+    for (guint i = 0; i < names->len; i++) {
+        const char *sname = g_ptr_array_index(names, i);
+        g_autofree char *sub = NULL;
+        g_autofree char *dir = NULL;
+        gsize len;
+        Seed *s;
+
+        if (!g_str_has_suffix(sname, ".add-cow")) {
+            continue;
+        }
+        sub = g_strdup_printf("corpus-%u", i);
+        dir = g_build_filename(opt_dir, sub, NULL);
+        g_mkdir_with_parents(dir, 0755);
+        s = seed_new(dir, sname);
+        for (guint j = 0; j < names->len; j++) {
+            const char *fname = g_ptr_array_index(names, j);
+            g_autofree char *from = g_build_filename(opt_corpus, fname, NULL);
+            g_autofree char *to = g_build_filename(dir, fname, NULL);
+            g_autofree char *content = NULL;
+
+            if (!g_file_get_contents(from, &content, &len, NULL)) {
+                die("cannot read %s", from);
+            }
+            write_file(to, content, len);
+            if (i == j) {
+                s->seed_path = g_strdup(to);
+                s->data = (uint8_t *)g_steal_pointer(&content);
+                s->len = len;
+            } else {
+                seed_add_file(s, to);
+            }
+        }
+        g_ptr_array_add(seeds, s);
+    }
+    if (!seeds->len) {
+        die("no .add-cow file in %s", opt_corpus);
+    }
+}
+
+/* Fixed regressions: the image file is the .add-cow file itself */
+static void regression(Buf *b, const Seed *s, const char *fmt)
+{
+    static const char name[] = "case.add-cow";
+
+    b->len = 0;
+    buf_resize(b, MAX(s->len, 2048 + sizeof(name)));
+    memcpy(b->p, s->data, s->len);
+    memcpy(b->p + 2048, name, sizeof(name) - 1);
+    set_field(b, &fields[F_IMAGE_NAME_OFFSET], 2048);
+    set_field(b, &fields[F_IMAGE_NAME_SIZE], sizeof(name) - 1);
+    memset(b->p + IMAGE_FORMAT_OFF, 0, FMT_SIZE);
+    memcpy(b->p + IMAGE_FORMAT_OFF, fmt, strlen(fmt));
+    g_string_printf(b->ops, "regression: image file = itself as %s", fmt);
 }
 
 static void set_death_msg(uint64_t iteration, const Seed *s, const Buf *b)
@@ -1154,6 +1322,7 @@ static void print_stats(const char *prefix, double elapsed)
 static void usage(void)
 {
     printf("Usage: fuzz-add-cow --dir DIR [options]\n"
+           "       fuzz-add-cow --dir DIR --replay FILE|DIR...\n"
            "  --dir DIR         work directory (seeds and scratch files)\n"
            "  --corpus DIR      seeds: the .add-cow files of DIR (with the\n"
            "                    files beside them) instead of generated ones\n"
@@ -1164,7 +1333,116 @@ static void usage(void)
            "  --progress S      progress line every S seconds (0: none)\n"
            "  --timeout S       watchdog per execution (default 60)\n"
            "  --flush           real flushes (default: cache.no-flush)\n"
+           "  --replay          run each input file (each file of each\n"
+           "                    directory) once, unmutated, as the libFuzzer\n"
+           "                    build does\n"
            "  --verbose         print every case and error\n");
+}
+
+static void replay_file(const Seed *s, Buf *b, const char *path)
+{
+    g_autofree uint8_t *data = NULL;
+    gsize len;
+    int n;
+
+    if (!g_file_get_contents(path, (char **)&data, &len, NULL)) {
+        die("cannot read %s", path);
+    }
+    n = snprintf(death_msg, sizeof(death_msg),
+                 "fuzz-add-cow: died on input %s\n", path);
+    death_msg_len = MIN(n, sizeof(death_msg) - 1);
+    if (opt_verbose) {
+        fprintf(stderr, "input %s\n", path);
+    }
+    run_input(s, b, data, len);
+}
+
+static void replay(const Seed *s, Buf *b, const char *path)
+{
+    g_autoptr(GPtrArray) names = NULL;
+    const char *n;
+    GDir *d;
+
+    if (!g_file_test(path, G_FILE_TEST_IS_DIR)) {
+        replay_file(s, b, path);
+        return;
+    }
+    d = g_dir_open(path, 0, NULL);
+    if (!d) {
+        die("cannot read the directory %s", path);
+    }
+    names = g_ptr_array_new_with_free_func(g_free);
+    while ((n = g_dir_read_name(d))) {
+        g_ptr_array_add(names, g_build_filename(path, n, NULL));
+    }
+    g_dir_close(d);
+    g_ptr_array_sort(names, (GCompareFunc)g_strcmp0);
+    for (guint i = 0; i < names->len; i++) {
+        const char *p = g_ptr_array_index(names, i);
+
+        if (g_file_test(p, G_FILE_TEST_IS_REGULAR)) {
+            replay_file(s, b, p);
+        }
+    }
+}
+
+/* The fixed regressions, then random cases from the seeds */
+static void fuzz(Buf *b, double start)
+{
+    double last_progress = start;
+    int fds0 = count_fds();
+
+    if (opt_first == 0) {
+        const char *const fmts[] = { "add-cow", "raw" };
+
+        for (int i = 0; i < 4; i++) {
+            const Seed *s = g_ptr_array_index(seeds, i / 2 % seeds->len);
+
+            rng_seed(opt_seed, UINT64_MAX - i);
+            regression(b, s, fmts[i % 2]);
+            set_death_msg(0, s, b);
+            run_case(s, b);
+        }
+    }
+
+    for (uint64_t it = opt_first;
+         !opt_iterations || it < opt_first + opt_iterations; it++) {
+        const Seed *s;
+
+        rng_seed(opt_seed, it);
+        s = g_ptr_array_index(seeds, rnd_below(seeds->len));
+        g_string_assign(b->ops, "(while mutating)");
+        set_death_msg(it, s, b);
+        buf_set(b, s->data, s->len);
+        mutate(b);
+        set_death_msg(it, s, b);
+        if (opt_verbose) {
+            fprintf(stderr, "execution %" PRIu64 " (%s): %s\n", it, s->desc,
+                    b->ops->str);
+        }
+        run_case(s, b);
+
+        if ((it & 63) == 0) {
+            double t = now();
+
+            if (opt_duration && t - start >= opt_duration) {
+                break;
+            }
+            if (opt_progress && t - last_progress >= opt_progress) {
+                int fds = count_fds();
+                g_autofree char *prefix = g_strdup_printf(
+                    "progress: rss %ld KiB, %d fds: ", rss_kib(), fds);
+
+                print_stats(prefix, t - start);
+                fflush(stdout);
+                last_progress = t;
+                if (fds0 >= 0 && fds > fds0 + 32) {
+                    die("file descriptors leak: %d open, %d at start", fds,
+                        fds0);
+                }
+            }
+        }
+    }
 }
 
 int main(int argc, char **argv)
@@ -1179,14 +1457,14 @@ int main(int argc, char **argv)
         { "progress", required_argument, NULL, 'p' },
         { "timeout", required_argument, NULL, 'T' },
         { "flush", no_argument, NULL, 'F' },
+        { "replay", no_argument, NULL, 'r' },
         { "verbose", no_argument, NULL, 'v' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
     Buf b = { .ops = g_string_new("") };
-    double start, last_progress, elapsed;
-    int c, fds0;
-    uint64_t it;
+    double start;
+    int c;
 
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (c) {
@@ -1217,6 +1495,9 @@ int main(int argc, char **argv)
         case 'F':
             opt_flush = true;
             break;
+        case 'r':
+            opt_replay = true;
+            break;
         case 'v':
             opt_verbose = true;
             break;
@@ -1228,7 +1509,7 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (!opt_dir || optind != argc) {
+    if (!opt_dir || (optind != argc) != opt_replay) {
         usage();
         return 2;
     }
@@ -1241,82 +1522,33 @@ int main(int argc, char **argv)
     if (g_mkdir_with_parents(opt_dir, 0755) < 0) {
         die("cannot create %s: %s", opt_dir, strerror(errno));
     }
-    last_input_path = g_build_filename(opt_dir, "last-input.add-cow", NULL);
     io_buf = qemu_memalign(4096, IO_BUF_SIZE);
     seeds = g_ptr_array_new();
-    if (opt_corpus) {
-        load_corpus();
+    if (opt_replay) {
+        g_ptr_array_add(seeds, input_context());
     } else {
-        make_seeds();
-    }
-    printf("Seed corpus: %u images\n", seeds->len);
-    fflush(stdout);
-
-    fds0 = count_fds();
-    start = last_progress = now();
-
-    /* The fixed regressions first, then the random cases */
-    if (opt_first == 0) {
-        const char *const fmts[] = { "add-cow", "raw" };
-
-        for (int i = 0; i < 4; i++) {
-            const Seed *s = g_ptr_array_index(seeds, i / 2 % seeds->len);
-
-            rng_seed(opt_seed, UINT64_MAX - i);
-            regression(&b, s, fmts[i % 2]);
-            set_death_msg(0, s, &b);
-            run_case(s, &b);
+        last_input_path = g_build_filename(opt_dir, "last-input.add-cow",
+                                           NULL);
+        if (opt_corpus) {
+            load_corpus();
+        } else {
+            make_seeds();
         }
+        printf("Seed corpus: %u images\n", seeds->len);
+        fflush(stdout);
     }
 
-    for (it = opt_first; !opt_iterations || it < opt_first + opt_iterations;
-         it++) {
-        const Seed *s;
-
-        rng_seed(opt_seed, it);
-        s = g_ptr_array_index(seeds, rnd_below(seeds->len));
-        g_string_assign(b.ops, "(while mutating)");
-        set_death_msg(it, s, &b);
-        mutate(&b, s);
-        set_death_msg(it, s, &b);
-        if (opt_verbose) {
-            fprintf(stderr, "execution %" PRIu64 " (%s): %s\n", it, s->desc,
-                    b.ops->str);
+    start = now();
+    if (opt_replay) {
+        for (int i = optind; i < argc; i++) {
+            replay(g_ptr_array_index(seeds, 0), &b, argv[i]);
         }
-        run_case(s, &b);
-
-        if ((it & 63) == 0) {
-            double t = now();
-
-            if (opt_duration && t - start >= opt_duration) {
-                it++;
-                break;
-            }
-            if (opt_progress && t - last_progress >= opt_progress) {
-                int fds = count_fds();
-                g_autofree char *prefix = g_strdup_printf(
-                    "progress: rss %ld KiB, %d fds: ", rss_kib(), fds);
-
-                print_stats(prefix, t - start);
-                fflush(stdout);
-                last_progress = t;
-                if (fds0 >= 0 && fds > fds0 + 32) {
-                    die("file descriptors leak: %d open, %d at start", fds,
-                        fds0);
-                }
-            }
-        }
+    } else {
+        fuzz(&b, start);
     }
-    elapsed = now() - start;
 
-    printf("outcomes: %" PRIu64 " info opens, %" PRIu64 " read-only opens, "
-           "%" PRIu64 " read-write opens ok; %" PRIu64 " checks found "
-           "corruption; %" PRIu64 " repairs, %" PRIu64 " not clean after "
-           "repair; %" PRIu64 " resizes; %" PRIu64 " failed opens cleared "
-           "unknown autoclear bits\n", st.info_ok, st.ro_ok, st.rw_ok,
-           st.check_corrupt, st.repairs, st.still_corrupt, st.resizes_ok,
-           st.autoclear_notes);
-    print_stats("", elapsed);
+    print_outcomes();
+    print_stats("", now() - start);
 
     for (guint i = 0; i < seeds->len; i++) {
         Seed *s = g_ptr_array_index(seeds, i);
@@ -1334,10 +1566,14 @@ int main(int argc, char **argv)
         g_free(s);
     }
     g_ptr_array_free(seeds, true);
-    unlink(last_input_path);
-    g_free(last_input_path);
+    if (last_input_path) {
+        unlink(last_input_path);
+        g_free(last_input_path);
+    }
     qemu_vfree(io_buf);
     g_free(b.p);
     g_string_free(b.ops, true);
     return 0;
 }
+
+#endif
