@@ -13,37 +13,54 @@
 #   Q:  base (raw or qcow2) <- L1.ov (qcow2)   <- L2.ov (qcow2)
 #   A:  base (raw or qcow2) <- L1.ov (add-cow) <- L2.ov (add-cow)
 #
-# A seeded random sequence of operations is applied to both, first to Q
-# (the oracle), then to A: guest writes, zero writes, discards and flushes
-# (HMP qemu-io on the active node), blockdev-reopen read-only/read-write,
-# change-backing-file, block-stream, block-commit, blockdev-snapshot-sync
-# and block_resize over QMP in one QEMU process; qemu-img rebase, commit,
-# amend and resize with the process stopped; closing and reopening.
+# with the same cluster size.  A seeded random sequence of operations is
+# applied to both, first to Q (the oracle), then to A:
+#  - online, each chain in a QEMU process of its own (qtest, the active
+#    layer the disk of a virtio-blk device, as with a guest): writes, zero
+#    writes with and without may-unmap, discards and flushes (HMP qemu-io,
+#    random offsets and lengths, unaligned too), blockdev-reopen
+#    read-only/read-write, change-backing-file (also ""), block-stream
+#    (with and without base-node, with backing-file), block-commit
+#    (intermediate and active), blockdev-snapshot-sync, block_resize (grow
+#    and shrink); an open with "backing": null now and then;
+#  - offline, QEMU stopped: qemu-img rebase (safe and -u, to "" or another
+#    image), qemu-img commit (plain, -d, -b), qemu-img amend, qemu-img
+#    resize; then qemu-img check -r all on every image.
 #
-# After every step the guest-visible content of the active layer of both
-# chains is read in full (online through a read-only NBD export and a
-# small NBD client below, offline with qemu-img convert for every layer of
-# the chain) and compared byte for byte, together with the virtual size
-# and the shape of the chain (file names from the active layer down).
-# After every offline step, qemu-img check -r all runs on every image of
-# both chains; it must not crash and must leave every layer's content as
-# it was.
+# After every step, every layer of both chains is read in full (online
+# through a read-only NBD export of its node and the small NBD client
+# below, offline with qemu-img convert) and compared byte for byte,
+# together with the virtual sizes and the shape of the chains (file names
+# from the active layer down).  qemu-img check -r all must not crash, must
+# find nothing to repair on add-cow and must leave every layer's content
+# as it was.
 #
 # Outcomes of one operation:
 #  - both succeed: the contents must be equal;
 #  - both fail: neither content may have changed;
-#  - only add-cow fails: a refusal.  add-cow's content must be unchanged;
-#    the refusal is recorded, and counts as a divergence unless it matches
-#    LEGIT_REFUSALS.  The chains are out of step afterwards, so the
-#    sequence ends there;
-#  - only qcow2 fails: a divergence unless the contents are still equal;
-#  - a crash (QEMU or qemu-img killed by a signal) is always a divergence.
+#  - only add-cow fails: its content must be unchanged, and the refusal
+#    must be one of LEGIT_REFUSALS (else it is a divergence).  If qcow2's
+#    content changed, the chains are out of step and the sequence ends;
+#  - only qcow2 fails: noted, as long as the contents are still equal;
+#  - a crash (QEMU or qemu-img killed by a signal, QMP gone) is always a
+#    divergence.
+#
+# Where the formats may legitimately differ, the difference is checked to
+# be only that, noted, and both chains are brought back in step by the
+# same guest write of zeros:
+#  - a discarded byte may read as before or as zero (qcow2 makes discarded
+#    clusters read zeros, add-cow may keep unallocated ones reading the
+#    backing file);
+#  - a byte that reads zero through a discard, or a zero write without
+#    backing file, may be an unallocated cluster in one format and a zero
+#    cluster in the other; after qemu-img rebase -u gives the layer other
+#    backing data, it may read zero in one chain and the new backing data
+#    in the other.
 #
 # A divergence prints the seed of the sequence, every operation applied so
 # far and the first differing offset; ADD_COW_OPS_SEED=<seed> replays that
 # one sequence (given the same binaries).
 
-import hashlib
 import json
 import os
 import random
@@ -56,7 +73,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 # Refusals by add-cow of an operation qcow2 accepts that are legitimate:
 # (operation kind, regular expression on the error message, why).
@@ -85,8 +102,8 @@ NBD_MAGIC = 0x4e42444d41474943
 NBD_OPTS_MAGIC = 0x49484156454F5054
 NBD_REQUEST_MAGIC = 0x25609513
 NBD_SIMPLE_REPLY_MAGIC = 0x67446698
-NBD_FLAG_C_FIXED_NEWSTYLE = 1
-NBD_FLAG_C_NO_ZEROES = 2
+NBD_FLAG_FIXED_NEWSTYLE = 1     # handshake flags; the client's are the same
+NBD_FLAG_NO_ZEROES = 2
 NBD_OPT_EXPORT_NAME = 1
 NBD_CMD_READ = 0
 NBD_CMD_DISC = 2
@@ -110,10 +127,10 @@ def nbd_read_export(path: str, name: str) -> bytes:
         magic, opts_magic, hflags = struct.unpack('>QQH', _recv(s, 18))
         if magic != NBD_MAGIC or opts_magic != NBD_OPTS_MAGIC:
             raise ConnectionError('not an NBD newstyle server')
-        cflags = NBD_FLAG_C_FIXED_NEWSTYLE
-        no_zeroes = hflags & NBD_FLAG_C_NO_ZEROES
+        cflags = NBD_FLAG_FIXED_NEWSTYLE
+        no_zeroes = hflags & NBD_FLAG_NO_ZEROES
         if no_zeroes:
-            cflags |= NBD_FLAG_C_NO_ZEROES
+            cflags |= NBD_FLAG_NO_ZEROES
         ename = name.encode()
         s.sendall(struct.pack('>IQII', cflags, NBD_OPTS_MAGIC,
                               NBD_OPT_EXPORT_NAME, len(ename)) + ename)
@@ -206,10 +223,6 @@ def first_difference(a: bytes, b: bytes) -> int:
     return n if len(a) != len(b) else -1
 
 
-def digest(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()[:12]
-
-
 # ---------------------------------------------------------------------------
 # One chain
 
@@ -219,8 +232,8 @@ class Side:
         self.fmt = fmt
         self.dir = os.path.join(root, key)
         self.vm = None
+        self.chain: List[str] = []          # file names, active first
         self.last: Dict[str, bytes] = {}    # layer name -> content
-        self.size = 0
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -237,17 +250,20 @@ class Divergence(Exception):
 
 
 class Refusal(Exception):
-    """add-cow refused an operation qcow2 performed: sequence ends"""
+    """The chains are out of step without a divergence (a legitimate
+    refusal by add-cow, an unreadable oracle): the sequence ends"""
 
 
 class OpsTester:
     def __init__(self, tools: Tools, workdir: str,
                  log: Callable[[str], None] = print,
-                 verbose: bool = False):
+                 verbose: bool = False,
+                 progress: Optional[Callable[[str], None]] = None):
         self.tools = tools
         self.workdir = workdir
         self.log = log
         self.verbose = verbose
+        self.progress = progress
         self.applied: Counter = Counter()       # operation kind -> count
         self.outcomes: Counter = Counter()      # (kind, outcome) -> count
         self.divergences: List[str] = []
@@ -604,6 +620,7 @@ class OpsTester:
                       f'did it with the same result')
         for s, c, v in ((self.A, ca, va), (self.Q, cq, vq)):
             s.chain, s.last = c, v
+        self.size = len(vq[cq[0]])
         if not online:
             self.check_all()
 
@@ -960,7 +977,6 @@ class OpsTester:
                         **{'node-name': self.active_node(side),
                            'size': size})
         self.apply(kind, f'block_resize {self.size} -> {size}', run, True)
-        self.size = len(self.Q.last[self.Q.chain[0]])
 
     def on_close(self, kind: str) -> None:
         self.apply(kind, 'close (quit QEMU)', self.shutdown, False)
@@ -983,7 +999,8 @@ class OpsTester:
         self.apply(kind, 'open' + (' with backing: null' if null_backing
                                    else ''),
                    lambda side: self.launch(side, null_backing), True)
-        self.online = True
+        # (an open that failed in both chains leaves them closed)
+        self.online = self.Q.vm is not None
 
     def off_open_backing_null(self, kind: str) -> None:
         self.off_open(kind, True)
@@ -1143,7 +1160,6 @@ class OpsTester:
                 raise OpFailed(out.strip())
         self.apply(kind, f'qemu-img resize {layer} {self.size} -> {size}',
                    run, False)
-        self.size = len(self.Q.last[self.Q.chain[0]])
 
     # -- one sequence ---------------------------------------------------------
 
@@ -1245,6 +1261,10 @@ class OpsTester:
                     side.vm = None
         if ok:
             shutil.rmtree(root, ignore_errors=True)
+        if self.progress:
+            self.progress(f'sequence {self.sequences} seed={seed}: '
+                          f'{"ok" if ok else "DIVERGED"} after '
+                          f'{len(self.history)} operations')
         return ok
 
     def report(self, seed: int, msg: str) -> None:
@@ -1259,7 +1279,7 @@ class OpsTester:
         self.divergences.append(text)
         self.log(text)
 
-    def run(self, seeds: List[int], nsteps: int,
+    def run(self, seeds: Iterable[int], nsteps: int,
             deadline: Optional[float] = None,
             until_divergence: bool = False) -> bool:
         """Run the sequences of @seeds (until @deadline); False if any
@@ -1290,8 +1310,10 @@ class OpsTester:
         return out
 
 
-def seeds_for(base_seed: int, count: int) -> List[int]:
-    return [base_seed * 1000003 + i for i in range(count)]
+def seeds_for(base_seed: int, count: int) -> Iterable[int]:
+    """The seeds of the sequences of a run (lazily: a timed run asks for
+    an unbounded number)"""
+    return (base_seed * 1000003 + i for i in range(count))
 
 
 def main() -> int:
@@ -1338,7 +1360,8 @@ def main() -> int:
         os.symlink(os.path.abspath(bundle),
                    os.path.join(workdir, 'qemu-bundle'))
     tester = OpsTester(Tools(*progs, sock_dir=workdir), workdir,
-                       verbose=a.verbose or a.replay >= 0)
+                       verbose=a.verbose or a.replay >= 0,
+                       progress=lambda line: print(line, flush=True))
     t0 = time.monotonic()
     if a.replay >= 0:
         ok = tester.run([a.replay], a.steps)
