@@ -515,21 +515,14 @@ static int add_cow_parse_runtime(BlockDriverState *bs, QDict *options,
     return 0;
 }
 
+/* Read and validate the fixed header into s->header */
 static int coroutine_fn GRAPH_RDLOCK
-add_cow_do_open(BlockDriverState *bs, QDict *options, int flags,
-                bool open_image, Error **errp)
+add_cow_read_header(BlockDriverState *bs, Error **errp)
 {
     BDRVAddCowState *s = bs->opaque;
     AddCowHeader le;
-    g_autofree char *backing = NULL;
     int64_t file_size;
-    uint32_t entry_bytes;
     int ret;
-
-    ret = add_cow_parse_runtime(bs, options, errp);
-    if (ret < 0) {
-        return ret;
-    }
 
     file_size = bdrv_co_getlength(bs->file->bs);
     if (file_size < 0) {
@@ -537,22 +530,32 @@ add_cow_do_open(BlockDriverState *bs, QDict *options, int flags,
                          "size");
         return file_size;
     }
+    if (file_size < sizeof(le)) {
+        error_setg(errp, "add-cow file is truncated: %" PRId64 " bytes is "
+                   "shorter than the header", file_size);
+        return -EINVAL;
+    }
     ret = bdrv_co_pread(bs->file, 0, sizeof(le), &le, 0);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Could not read the add-cow header");
         return ret;
     }
     add_cow_header_le_to_cpu(&le, &s->header);
-    if (file_size < sizeof(le)) {
-        error_setg(errp, "add-cow file is truncated: %" PRId64 " bytes is "
-                   "shorter than the header", file_size);
-        return -EINVAL;
-    }
     ret = add_cow_validate_header(&s->header, file_size, errp);
     if (ret < 0) {
         return ret;
     }
     add_cow_set_geometry(s);
+    return 0;
+}
+
+/* Read the names the header points to; the backing name goes to @bs */
+static int coroutine_fn GRAPH_RDLOCK
+add_cow_read_names(BlockDriverState *bs, Error **errp)
+{
+    BDRVAddCowState *s = bs->opaque;
+    g_autofree char *backing = NULL;
+    int ret;
 
     ret = add_cow_read_name(bs, "image file", s->header.image_name_offset,
                             s->header.image_name_size, &s->image_name, errp);
@@ -586,6 +589,29 @@ add_cow_do_open(BlockDriverState *bs, QDict *options, int flags,
     }
     pstrcpy(bs->backing_format, sizeof(bs->backing_format),
             s->header.backing_format);
+    return 0;
+}
+
+static int coroutine_fn GRAPH_RDLOCK
+add_cow_do_open(BlockDriverState *bs, QDict *options, int flags,
+                bool open_image, Error **errp)
+{
+    BDRVAddCowState *s = bs->opaque;
+    uint32_t entry_bytes;
+    int ret;
+
+    ret = add_cow_parse_runtime(bs, options, errp);
+    if (ret < 0) {
+        return ret;
+    }
+
+    ret = add_cow_read_header(bs, errp);
+    if (ret == 0) {
+        ret = add_cow_read_names(bs, errp);
+    }
+    if (ret < 0) {
+        return ret;
+    }
 
     bs->total_sectors = s->header.virtual_size / BDRV_SECTOR_SIZE;
     bs->supported_zero_flags = BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK;
@@ -1287,19 +1313,50 @@ add_cow_co_get_info(BlockDriverState *bs, BlockDriverInfo *bdi)
  * info opens images with BDRV_O_NO_IO, and must not open files that an
  * untrusted header names), the path the header's name resolves to.
  */
-static char * GRAPH_RDLOCK add_cow_image_path(BlockDriverState *bs)
+static char * GRAPH_RDLOCK add_cow_header_image_path(BlockDriverState *bs)
 {
     BDRVAddCowState *s = bs->opaque;
     g_autofree char *dir = NULL;
 
-    if (s->image) {
-        return g_strdup(s->image->bs->filename);
-    }
     if (path_is_absolute(s->image_name)) {
         return g_strdup(s->image_name);
     }
     dir = bdrv_dirname(bs->file->bs, NULL);
     return dir ? g_strconcat(dir, s->image_name, NULL) : NULL;
+}
+
+static char * GRAPH_RDLOCK add_cow_image_path(BlockDriverState *bs)
+{
+    BDRVAddCowState *s = bs->opaque;
+
+    if (s->image) {
+        return g_strdup(s->image->bs->filename);
+    }
+    return add_cow_header_image_path(bs);
+}
+
+/*
+ * Is the image file node the one the header names, i.e. would opening the
+ * .add-cow file by its name alone open the same tree?  A node given with
+ * image-file counts if it is the plain file the header names.
+ */
+static bool GRAPH_RDLOCK add_cow_image_is_default(BlockDriverState *bs)
+{
+    BDRVAddCowState *s = bs->opaque;
+    BlockDriverState *img = s->image ? s->image->bs : NULL;
+    g_autofree char *path = NULL;
+    struct stat a, b;
+
+    if (!s->image_overridden) {
+        return true;
+    }
+    if (!img || !img->drv || strcmp(img->drv->format_name, "file") ||
+        !s->image_name) {
+        return false;
+    }
+    path = add_cow_header_image_path(bs);
+    return path && stat(path, &a) == 0 && stat(img->filename, &b) == 0 &&
+           a.st_dev == b.st_dev && a.st_ino == b.st_ino;
 }
 
 /*
@@ -2081,93 +2138,92 @@ add_cow_repair_all_allocated(BlockDriverState *bs)
  * Everything is reported on stderr, prefixed with ERROR, Warning or
  * Repairing like the other drivers do.
  */
+/*
+ * Set padding bits are harmless to readers and are what a crash between a
+ * shrink's header update and its bit clearing leaves behind, or a grow
+ * that zero-filled the new area (and set its bits) but failed or crashed
+ * before its header update; a later grow clears them.  So they count as
+ * leaks (like qcow2's leaked clusters), not corruption.
+ */
 static int coroutine_fn GRAPH_RDLOCK
-add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
-                 BdrvCheckMode fix)
+add_cow_check_padding(BlockDriverState *bs, const AddCowBitmapScan *sc,
+                      BdrvCheckResult *result, bool repair)
 {
     BDRVAddCowState *s = bs->opaque;
-    const bool repair = fix & BDRV_FIX_ERRORS;
-    const bool repair_leaks = fix & BDRV_FIX_LEAKS;
-    AddCowBitmapScan sc;
-    uint64_t alloc_end;
-    int64_t image_len;
     int ret;
 
-    qemu_co_mutex_lock(&s->lock);
-
-    ret = add_cow_cache_write(s->cache);
+    if (!sc->pad_set) {
+        return 0;
+    }
+    fprintf(stderr, "%s %" PRIu64 " bitmap bit(s) past the last cluster "
+            "(%" PRIu64 ") are set, the first in bitmap byte %" PRIu64 "\n",
+            repair ? "Repairing" : "Leaked", sc->pad_set,
+            s->nb_clusters ? s->nb_clusters - 1 : 0, sc->first_pad);
+    if (!repair) {
+        result->leaks += sc->pad_set;
+        return 0;
+    }
+    ret = add_cow_clear_bits_from(bs, s->nb_clusters, s->header.bitmap_size);
     if (ret < 0) {
-        fprintf(stderr, "ERROR cannot write the bitmap cache: %s\n",
+        fprintf(stderr, "ERROR cannot clear the padding bits: %s\n",
                 strerror(-ret));
-        result->check_errors++;
-        goto out;
+        return ret;
     }
-    ret = add_cow_scan_bitmap(bs, &sc);
+    result->leaks_fixed += sc->pad_set;
+    return 0;
+}
+
+static int coroutine_fn GRAPH_RDLOCK
+add_cow_check_flag(BlockDriverState *bs, const AddCowBitmapScan *sc,
+                   BdrvCheckResult *result, bool repair)
+{
+    BDRVAddCowState *s = bs->opaque;
+    int ret;
+
+    if (!add_cow_all_allocated(s) || sc->first_clear >= s->nb_clusters) {
+        return 0;
+    }
+    fprintf(stderr, "%s all-allocated flag is set, but %" PRIu64
+            " cluster(s) are not allocated in the bitmap (the first is "
+            "cluster %" PRIu64 ")%s\n", repair ? "Repairing" : "ERROR",
+            s->nb_clusters - sc->allocated, sc->first_clear,
+            repair ? ": setting their bits, reads keep coming from the "
+            "image file" : "");
+    if (!repair) {
+        result->corruptions++;
+        return 0;
+    }
+    ret = add_cow_repair_all_allocated(bs);
     if (ret < 0) {
-        fprintf(stderr, "ERROR cannot read the bitmap: %s\n", strerror(-ret));
-        result->check_errors++;
-        goto out;
+        fprintf(stderr, "ERROR cannot set the bits: %s\n", strerror(-ret));
+        return ret;
     }
+    result->corruptions_fixed++;
+    return 0;
+}
 
-    /*
-     * Set padding bits are harmless to readers and are what a crash between
-     * a shrink's header update and its bit clearing leaves behind, or a grow
-     * that zero-filled the new area (and set its bits) but failed or
-     * crashed before its header update; a later grow clears them.  So they
-     * count as leaks (like qcow2's leaked clusters), not corruption.
-     */
-    if (sc.pad_set) {
-        fprintf(stderr, "%s %" PRIu64 " bitmap bit(s) past the last cluster "
-                "(%" PRIu64 ") are set, the first in bitmap byte %" PRIu64
-                "\n", repair_leaks ? "Repairing" : "Leaked", sc.pad_set,
-                s->nb_clusters ? s->nb_clusters - 1 : 0, sc.first_pad);
-        if (repair_leaks) {
-            ret = add_cow_clear_bits_from(bs, s->nb_clusters,
-                                          s->header.bitmap_size);
-            if (ret < 0) {
-                fprintf(stderr, "ERROR cannot clear the padding bits: %s\n",
-                        strerror(-ret));
-                result->check_errors++;
-                goto out;
-            }
-            result->leaks_fixed += sc.pad_set;
-        } else {
-            result->leaks += sc.pad_set;
-        }
-    }
-
-    if (add_cow_all_allocated(s) && sc.first_clear < s->nb_clusters) {
-        fprintf(stderr, "%s all-allocated flag is set, but %" PRIu64
-                " cluster(s) are not allocated in the bitmap (the first is "
-                "cluster %" PRIu64 ")%s\n", repair ? "Repairing" : "ERROR",
-                s->nb_clusters - sc.allocated, sc.first_clear,
-                repair ? ": setting their bits, reads keep coming from the "
-                "image file" : "");
-        if (repair) {
-            ret = add_cow_repair_all_allocated(bs);
-            if (ret < 0) {
-                fprintf(stderr, "ERROR cannot set the bits: %s\n",
-                        strerror(-ret));
-                result->check_errors++;
-                goto out;
-            }
-            result->corruptions_fixed++;
-        } else {
-            result->corruptions++;
-        }
-    }
-
+/*
+ * An image file that ends before an allocated cluster does lost that data
+ * (it reads zeros); one that is only shorter than the virtual size is fine.
+ * Repair extends it, which keeps exactly the reads.
+ */
+static int coroutine_fn GRAPH_RDLOCK
+add_cow_check_image_len(BlockDriverState *bs, const AddCowBitmapScan *sc,
+                        BdrvCheckResult *result, bool repair)
+{
+    BDRVAddCowState *s = bs->opaque;
+    uint64_t size = s->header.virtual_size;
     /* Reads trust the flag while it is set */
-    alloc_end = add_cow_all_allocated(s) ? s->header.virtual_size :
-                MIN(sc.alloc_end << s->header.cluster_bits,
-                    s->header.virtual_size);
-    image_len = s->image ? bdrv_co_getlength(s->image->bs) : INT64_MAX;
+    uint64_t alloc_end = add_cow_all_allocated(s) ? size :
+                         MIN(sc->alloc_end << s->header.cluster_bits, size);
+    int64_t image_len = s->image ? bdrv_co_getlength(s->image->bs) :
+                        INT64_MAX;
+    int ret;
+
     if (image_len < 0) {
-        ret = image_len;
         fprintf(stderr, "ERROR cannot get the image file length: %s\n",
-                strerror(-ret));
-        result->check_errors++;
-        goto out;
+                strerror(-image_len));
+        return image_len;
     }
     if (image_len < alloc_end) {
         fprintf(stderr, "%s image file is %" PRId64 " bytes long, but "
@@ -2178,31 +2234,60 @@ add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
                 (alloc_end - 1) >> s->header.cluster_bits,
                 repair ? "; extending the image file to the virtual size" :
                 "");
-    } else if (image_len < s->header.virtual_size) {
+    } else if (image_len < size) {
         fprintf(stderr, "%s image file is %" PRId64 " bytes long, shorter "
                 "than the virtual size (%" PRIu64 ")%s\n",
-                repair ? "Repairing" : "Warning:", image_len,
-                s->header.virtual_size,
+                repair ? "Repairing" : "Warning:", image_len, size,
                 repair ? ": extending it" : "; no allocated cluster lies "
                 "past its end");
     }
-    if (image_len < s->header.virtual_size && repair) {
-        ret = bdrv_co_truncate(s->image, s->header.virtual_size, false,
-                               PREALLOC_MODE_OFF, 0, NULL);
-        if (ret == 0) {
-            ret = bdrv_co_flush(s->image->bs);
-        }
-        if (ret < 0) {
-            fprintf(stderr, "ERROR cannot extend the image file: %s\n",
-                    strerror(-ret));
-            result->check_errors++;
-            goto out;
-        }
-        if (image_len < alloc_end) {
-            result->corruptions_fixed++;
-        }
-    } else if (image_len < alloc_end) {
-        result->corruptions++;
+    if (image_len >= size || !repair) {
+        result->corruptions += image_len < alloc_end;
+        return 0;
+    }
+    ret = bdrv_co_truncate(s->image, size, false, PREALLOC_MODE_OFF, 0, NULL);
+    if (ret == 0) {
+        ret = bdrv_co_flush(s->image->bs);
+    }
+    if (ret < 0) {
+        fprintf(stderr, "ERROR cannot extend the image file: %s\n",
+                strerror(-ret));
+        return ret;
+    }
+    result->corruptions_fixed += image_len < alloc_end;
+    return 0;
+}
+
+static int coroutine_fn GRAPH_RDLOCK
+add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
+                 BdrvCheckMode fix)
+{
+    BDRVAddCowState *s = bs->opaque;
+    AddCowBitmapScan sc;
+    int ret;
+
+    qemu_co_mutex_lock(&s->lock);
+    ret = add_cow_cache_write(s->cache);
+    if (ret < 0) {
+        fprintf(stderr, "ERROR cannot write the bitmap cache: %s\n",
+                strerror(-ret));
+        goto out;
+    }
+    ret = add_cow_scan_bitmap(bs, &sc);
+    if (ret < 0) {
+        fprintf(stderr, "ERROR cannot read the bitmap: %s\n", strerror(-ret));
+        goto out;
+    }
+    ret = add_cow_check_padding(bs, &sc, result, fix & BDRV_FIX_LEAKS);
+    if (ret == 0) {
+        ret = add_cow_check_flag(bs, &sc, result, fix & BDRV_FIX_ERRORS);
+    }
+    if (ret == 0) {
+        ret = add_cow_check_image_len(bs, &sc, result,
+                                      fix & BDRV_FIX_ERRORS);
+    }
+    if (ret < 0) {
+        goto out;
     }
 
     result->bfi.total_clusters = s->nb_clusters;
@@ -2210,9 +2295,11 @@ add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
                                      s->nb_clusters : sc.allocated;
     result->image_end_offset = s->header.bitmap_offset +
                                s->header.bitmap_size;
-    ret = 0;
 
 out:
+    if (ret < 0) {
+        result->check_errors++;
+    }
     qemu_co_mutex_unlock(&s->lock);
     return ret;
 }
@@ -2461,13 +2548,72 @@ static char *add_cow_node_name_for(BlockDriverState *bs,
     return g_steal_pointer(&ipath);
 }
 
+/* Check the creation options that need no file */
+static int add_cow_create_check(BlockdevCreateOptionsAddCow *ac,
+                                uint64_t *cluster_size, PreallocMode *prealloc,
+                                const char **backing_fmt, Error **errp)
+{
+    *cluster_size = ac->has_cluster_size ? ac->cluster_size :
+                    ADD_COW_DEFAULT_CLUSTER_SIZE;
+    if (!is_power_of_2(*cluster_size) ||
+        *cluster_size < (1 << ADD_COW_MIN_CLUSTER_BITS) ||
+        *cluster_size > (1 << ADD_COW_MAX_CLUSTER_BITS)) {
+        error_setg(errp, "add-cow cluster size must be a power of two "
+                   "between %d and %d", 1 << ADD_COW_MIN_CLUSTER_BITS,
+                   1 << ADD_COW_MAX_CLUSTER_BITS);
+        return -EINVAL;
+    }
+    if (!QEMU_IS_ALIGNED(ac->size, BDRV_SECTOR_SIZE) ||
+        ac->size > BDRV_MAX_LENGTH) {
+        error_setg(errp, "add-cow image size must be a multiple of 512 and "
+                   "at most %" PRId64 " bytes", (int64_t)BDRV_MAX_LENGTH);
+        return -EINVAL;
+    }
+    *prealloc = ac->has_preallocation ? ac->preallocation : PREALLOC_MODE_OFF;
+    if (*prealloc == PREALLOC_MODE_METADATA) {
+        error_setg(errp, "add-cow has no metadata to preallocate (use "
+                   "preallocation=falloc or full for the image file)");
+        return -EINVAL;
+    }
+    if (ac->has_image_fmt && ac->image_fmt != BLOCKDEV_DRIVER_RAW) {
+        error_setg(errp, "Unsupported add-cow image file format '%s' (only "
+                   "raw is supported)", BlockdevDriver_str(ac->image_fmt));
+        return -ENOTSUP;
+    }
+    *backing_fmt = NULL;
+    if (!ac->backing_file) {
+        if (ac->has_backing_fmt) {
+            error_setg(errp, "backing-fmt requires backing-file");
+            return -EINVAL;
+        }
+        return 0;
+    }
+    if (strlen(ac->backing_file) > ADD_COW_MAX_NAME_SIZE) {
+        error_setg(errp, "Backing file name is too long (at most %d bytes)",
+                   ADD_COW_MAX_NAME_SIZE);
+        return -EINVAL;
+    }
+    if (!ac->has_backing_fmt) {
+        error_setg(errp, "add-cow needs the backing file format "
+                   "(backing-fmt)");
+        return -EINVAL;
+    }
+    *backing_fmt = BlockdevDriver_str(ac->backing_fmt);
+    if (strlen(*backing_fmt) >= ADD_COW_FMT_SIZE) {
+        error_setg(errp, "Backing format name '%s' is too long",
+                   *backing_fmt);
+        return -EINVAL;
+    }
+    return 0;
+}
+
 static int coroutine_fn GRAPH_UNLOCKED
 add_cow_co_create(BlockdevCreateOptions *opts, Error **errp)
 {
     BlockdevCreateOptionsAddCow *ac;
     BlockDriverState *bs = NULL, *image_bs = NULL;
     BlockBackend *blk = NULL, *image_blk = NULL;
-    const char *image_fmt, *backing_fmt = NULL;
+    const char *backing_fmt;
     g_autofree char *image_name = NULL;
     PreallocMode prealloc;
     bool image_created = false;
@@ -2477,56 +2623,12 @@ add_cow_co_create(BlockdevCreateOptions *opts, Error **errp)
 
     assert(opts->driver == BLOCKDEV_DRIVER_ADD_COW);
     ac = &opts->u.add_cow;
-
-    cluster_size = ac->has_cluster_size ? ac->cluster_size :
-                   ADD_COW_DEFAULT_CLUSTER_SIZE;
-    if (!is_power_of_2(cluster_size) ||
-        cluster_size < (1 << ADD_COW_MIN_CLUSTER_BITS) ||
-        cluster_size > (1 << ADD_COW_MAX_CLUSTER_BITS)) {
-        error_setg(errp, "add-cow cluster size must be a power of two "
-                   "between %d and %d", 1 << ADD_COW_MIN_CLUSTER_BITS,
-                   1 << ADD_COW_MAX_CLUSTER_BITS);
-        return -EINVAL;
+    ret = add_cow_create_check(ac, &cluster_size, &prealloc, &backing_fmt,
+                               errp);
+    if (ret < 0) {
+        return ret;
     }
     size = ac->size;
-    if (!QEMU_IS_ALIGNED(size, BDRV_SECTOR_SIZE) || size > BDRV_MAX_LENGTH) {
-        error_setg(errp, "add-cow image size must be a multiple of 512 and "
-                   "at most %" PRId64 " bytes", (int64_t)BDRV_MAX_LENGTH);
-        return -EINVAL;
-    }
-    prealloc = ac->has_preallocation ? ac->preallocation : PREALLOC_MODE_OFF;
-    if (prealloc == PREALLOC_MODE_METADATA) {
-        error_setg(errp, "add-cow has no metadata to preallocate (use "
-                   "preallocation=falloc or full for the image file)");
-        return -EINVAL;
-    }
-    image_fmt = ac->has_image_fmt ? BlockdevDriver_str(ac->image_fmt) : "raw";
-    if (strcmp(image_fmt, "raw")) {
-        error_setg(errp, "Unsupported add-cow image file format '%s' (only "
-                   "raw is supported)", image_fmt);
-        return -ENOTSUP;
-    }
-    if (ac->backing_file) {
-        if (strlen(ac->backing_file) > ADD_COW_MAX_NAME_SIZE) {
-            error_setg(errp, "Backing file name is too long (at most %d "
-                       "bytes)", ADD_COW_MAX_NAME_SIZE);
-            return -EINVAL;
-        }
-        if (!ac->has_backing_fmt) {
-            error_setg(errp, "add-cow needs the backing file format "
-                       "(backing-fmt)");
-            return -EINVAL;
-        }
-        backing_fmt = BlockdevDriver_str(ac->backing_fmt);
-        if (strlen(backing_fmt) >= ADD_COW_FMT_SIZE) {
-            error_setg(errp, "Backing format name '%s' is too long",
-                       backing_fmt);
-            return -EINVAL;
-        }
-    } else if (ac->has_backing_fmt) {
-        error_setg(errp, "backing-fmt requires backing-file");
-        return -EINVAL;
-    }
 
     bs = bdrv_co_open_blockdev_ref(ac->file, errp);
     if (!bs) {
@@ -2599,7 +2701,7 @@ add_cow_co_create(BlockdevCreateOptions *opts, Error **errp)
     }
     blk_set_allow_write_beyond_eof(blk, true);
     ret = add_cow_write_new_header(blk, size, ctz64(cluster_size),
-                                   image_name, image_fmt, ac->backing_file,
+                                   image_name, "raw", ac->backing_file,
                                    backing_fmt, errp);
 
 out:
@@ -3138,12 +3240,11 @@ static QemuOptsList add_cow_amend_opts = {
  * one its header names: otherwise the generic code's json: filename, which
  * includes the image-file child, is the only way to open the same tree.
  */
-static void add_cow_refresh_filename(BlockDriverState *bs)
+static void GRAPH_RDLOCK add_cow_refresh_filename(BlockDriverState *bs)
 {
-    BDRVAddCowState *s = bs->opaque;
     BlockDriverState *file = bs->file ? bs->file->bs : NULL;
 
-    if (!s->image_overridden && file && file->exact_filename[0] &&
+    if (add_cow_image_is_default(bs) && file && file->exact_filename[0] &&
         file->drv && file->drv->protocol_name &&
         !qdict_haskey(bs->full_open_options, "backing")) {
         pstrcpy(bs->exact_filename, sizeof(bs->exact_filename),

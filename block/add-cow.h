@@ -21,6 +21,18 @@
  * Write ordering: a bit is only set on disk after the cluster's data
  * (including the copy-on-write fill) was written to the image file and
  * the image file was flushed.  The bitmap cache enforces this.
+ *
+ * Locking: s->lock (a CoMutex) protects the header copy, the names, the
+ * bitmap cache and s->inflight.  Cache calls, header writes and name
+ * writes may yield with it held (they do I/O on the .add-cow file, and
+ * the cache flushes the image file before writing a set bit).  Guest data
+ * I/O to the image and backing files runs without it.  Bits are set only
+ * after their data was written, by the allocating write that registered
+ * the clusters in s->inflight; bits are cleared by discard (with its range
+ * registered), shrink, and emptying (which drains the node).  Code outside
+ * coroutines (close, amend, make_empty) runs with the node drained or not
+ * yet shared, so nothing else holds the lock.  The allocated-cluster count
+ * may be read without the lock (add_cow_cache_count()).
  */
 
 #ifndef BLOCK_ADD_COW_H
