@@ -2715,6 +2715,43 @@ out:
     return ret;
 }
 
+/*
+ * The image file of the add-cow image that exists at @filename, if it is
+ * the default image file of a new image at @filename: creating an image
+ * over an existing one (drive-mirror and drive-backup do that for their
+ * targets) replaces that image, its default image file included.  Any
+ * other existing file of the default name may belong to another image.
+ * Returns the path to replace, or NULL.
+ */
+static char * coroutine_fn GRAPH_UNLOCKED
+add_cow_replaced_image(const char *filename)
+{
+    g_autofree char *derived = g_strconcat(filename, ".img", NULL);
+    QDict *opts = qdict_new();
+    BlockDriverState *old;
+    char *path;
+    struct stat a, b;
+
+    qdict_put_str(opts, "driver", "add-cow");
+    qdict_put_bool(opts, BDRV_OPT_FORCE_SHARE, true);
+    /* BDRV_O_NO_IO: the header is read, the image file is not opened */
+    old = bdrv_co_open(filename, NULL, opts,
+                       BDRV_O_NO_IO | BDRV_O_NO_BACKING, NULL);
+    if (!old) {
+        return NULL;
+    }
+    bdrv_graph_co_rdlock();
+    path = add_cow_header_image_path(old);
+    bdrv_graph_co_rdunlock();
+    bdrv_co_unref(old);
+    if (!path || stat(path, &a) < 0 || stat(derived, &b) < 0 ||
+        a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+        g_free(path);
+        return NULL;
+    }
+    return path;
+}
+
 static int coroutine_fn GRAPH_UNLOCKED
 add_cow_co_create_opts(BlockDriver *drv, const char *filename,
                        QemuOpts *opts, Error **errp)
@@ -2722,6 +2759,7 @@ add_cow_co_create_opts(BlockDriver *drv, const char *filename,
     BlockdevCreateOptions *create_options = NULL;
     BlockDriverState *bs = NULL;
     g_autofree char *prealloc = NULL;
+    g_autofree char *replaced = NULL;
     QDict *qdict;
     Visitor *v;
     int ret;
@@ -2747,8 +2785,18 @@ add_cow_co_create_opts(BlockDriver *drv, const char *filename,
         qdict_put_str(qdict, "preallocation", prealloc);
     }
 
+    if (!qdict_haskey(qdict, "image-filename")) {
+        replaced = add_cow_replaced_image(filename);
+    }
     ret = bdrv_co_create_file(filename, opts, true, errp);
     if (ret < 0) {
+        goto fail;
+    }
+    /* The image that owned it is gone now: so is its data */
+    if (replaced && unlink(replaced) < 0 && errno != ENOENT) {
+        error_setg_errno(errp, errno, "Could not replace the image file "
+                         "'%s'", replaced);
+        ret = -errno;
         goto fail;
     }
     bs = bdrv_co_open(filename, NULL, NULL,
