@@ -96,7 +96,11 @@ def bit_list(mask: int) -> str:
 
 
 def has_protocol_prefix(name: str) -> bool:
-    """True if a ':' comes before the first '/' (or there is no '/')."""
+    """True if a ':' comes before the first '/' (or there is no '/').
+
+    Only used for backing file names, which an implementation may
+    interpret; image file names are plain file names whatever they contain.
+    """
     colon = name.find(':')
     if colon < 0:
         return False
@@ -117,13 +121,12 @@ def parse_format(raw: bytes, what: str) -> str:
     if any(raw[nul:]):
         raise AddCowError(f'{what} has non-zero bytes after its NUL '
                           f'terminator')
-    try:
-        value = raw[:nul].decode('ascii')
-    except UnicodeDecodeError:
-        raise AddCowError(f'{what} is not ASCII: {raw[:nul]!r}') from None
-    if not value.isprintable():
-        raise AddCowError(f'{what} contains control characters: {value!r}')
-    return value
+    value = raw[:nul]
+    if any(not (chr(c).isascii() and (chr(c).isalnum() or chr(c) in '-_'))
+           for c in value):
+        raise AddCowError(f'{what} {value!r} has a byte that is not an '
+                          f'ASCII letter or digit, - or _')
+    return value.decode('ascii')
 
 
 class Image:
@@ -204,6 +207,9 @@ class Image:
         if h.virtual_size % SECTOR:
             raise AddCowError(f'virtual_size {h.virtual_size} is not a '
                               f'multiple of {SECTOR}')
+        if h.virtual_size >= 1 << 63:
+            raise AddCowError(f'virtual_size {h.virtual_size} is not less '
+                              f'than 2^63')
         self.virtual_size = h.virtual_size
         self.nb_clusters = div_round_up(h.virtual_size, self.cluster_size)
 
@@ -222,7 +228,8 @@ class Image:
         if bitmap_end > U64_MAX:
             raise AddCowError(f'bitmap_offset {h.bitmap_offset} + '
                               f'bitmap_size {h.bitmap_size} overflows')
-        if file_len < bitmap_end:
+        # Bytes of the last bitmap sector past the end of the file read 0
+        if round_up(file_len, SECTOR) < bitmap_end:
             raise AddCowError(f'file is {file_len} bytes long, but the '
                               f'bitmap ends at {bitmap_end}')
 
@@ -249,12 +256,8 @@ class Image:
             self.backing_name = self._read_name(header, 'backing name',
                                                 backing_range)
 
-        if self.image_name.startswith('json:'):
-            raise AddCowError(f'image name {self.image_name!r} is a json: '
-                              f'string, not a plain file name')
-        if has_protocol_prefix(self.image_name):
-            raise AddCowError(f'image name {self.image_name!r} has a '
-                              f'protocol prefix, not a plain file name')
+        # The image file name is a plain file name, whatever it contains
+        # (json:..., nbd:..., a colon anywhere): see _open_image()
 
         self.image_format = parse_format(h.image_format, 'image_format')
         if not self.image_format:
@@ -270,8 +273,7 @@ class Image:
 
         self._meta.seek(h.bitmap_offset)
         self.bitmap = self._meta.read(h.bitmap_size)
-        if len(self.bitmap) != h.bitmap_size:
-            raise AddCowError('short read of the bitmap')
+        self.bitmap += bytes(h.bitmap_size - len(self.bitmap))
 
         self.all_allocated = bool(h.autoclear_features &
                                   AUTOCLEAR_ALL_ALLOCATED)
@@ -425,6 +427,26 @@ class Image:
                               f'convert it to raw and pass --backing-raw')
         return self._resolve(self.backing_name)
 
+    def _same_file(self, f: BinaryIO, other: Optional[BinaryIO]) -> bool:
+        if other is None:
+            return False
+        a = os.fstat(f.fileno())
+        b = os.fstat(other.fileno())
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+    def _check_not_self(self, f: BinaryIO, what: str, path: str) -> None:
+        """The image and backing files are neither the .add-cow file nor
+        each other."""
+        other = self._backing if what == 'image file' else self._image
+        if self._same_file(f, self._meta):
+            f.close()
+            raise AddCowError(f'{self.path}: the {what} {path} is the '
+                              f'.add-cow file itself')
+        if self._same_file(f, other):
+            f.close()
+            raise AddCowError(f'{self.path}: the image file and the '
+                              f'backing file are the same file ({path})')
+
     def _open_image(self) -> BinaryIO:
         if self._image is None:
             if self.image_format != 'raw':
@@ -434,11 +456,13 @@ class Image:
             path = self.image_path()
             try:
                 # pylint: disable=consider-using-with
-                self._image = open(path, 'rb')
+                f = open(path, 'rb')
             except OSError as e:
                 raise AddCowError(f'{self.path}: cannot open image file '
                                   f'{path}: {e.strerror}') from None
-            self._image_len = os.fstat(self._image.fileno()).st_size
+            self._check_not_self(f, 'image file', path)
+            self._image = f
+            self._image_len = os.fstat(f.fileno()).st_size
         return self._image
 
     def _open_backing(self) -> Optional[BinaryIO]:
@@ -448,11 +472,13 @@ class Image:
                 return None
             try:
                 # pylint: disable=consider-using-with
-                self._backing = open(path, 'rb')
+                f = open(path, 'rb')
             except OSError as e:
                 raise AddCowError(f'{self.path}: cannot open backing file '
                                   f'{path}: {e.strerror}') from None
-            self._backing_len = os.fstat(self._backing.fileno()).st_size
+            self._check_not_self(f, 'backing file', path)
+            self._backing = f
+            self._backing_len = os.fstat(f.fileno()).st_size
         return self._backing
 
     @staticmethod

@@ -237,6 +237,7 @@ MALFORMED: Dict[str, Tuple[Mutator, str]] = {
     'reserved0': (_put('<I', 12, 1), 'reserved0'),
     'incompatible': (_put('<Q', 16, 1 << 5), 'incompatible feature bit 5'),
     'virtual_size': (_put('<Q', 40, 1000), 'virtual_size'),
+    'virtual_size_2_63': (_put('<Q', 40, 1 << 63), 'virtual_size'),
     'bitmap_offset_align': (_put('<Q', 48, 16385), 'bitmap_offset'),
     'bitmap_offset_low': (_put('<Q', 48, 512), 'bitmap_offset'),
     'bitmap_size': (_put('<Q', 56, 1024), 'bitmap_size'),
@@ -249,13 +250,15 @@ MALFORMED: Dict[str, Tuple[Mutator, str]] = {
     'backing_half': (_put('<I', 76, 0), 'backing name'),
     'backing_overlap': (_put('<I', 72, 130), 'overlap'),
     'image_name_nul': (_put_bytes(129, b'\0'), 'NUL'),
-    'image_name_json': (_put_bytes(128, b'json:'), 'json:'),
-    'image_name_protocol': (_put_bytes(128, b'nbd:x'), 'protocol'),
     'image_format_empty': (_put_bytes(80, bytes(16)), 'image_format'),
     'image_format_unterminated': (_put_bytes(80, b'r' * 16), 'image_format'),
     'backing_format_empty': (_put_bytes(96, bytes(16)), 'backing_format'),
     'image_format_padding': (_put_bytes(84, b'x'), 'image_format'),
     'backing_format_padding': (_put_bytes(111, b'x'), 'backing_format'),
+    'image_format_char': (_put_bytes(80, b'r.w'), 'image_format'),
+    'backing_format_char': (_put_bytes(96, b'ra '), 'backing_format'),
+    'backing_format_not_ascii': (_put_bytes(96, b'r\xe9w'),
+                                 'backing_format'),
     'reserved1': (_put_bytes(127, b'\x01'), 'reserved1'),
     'all_allocated': (_put('<Q', 32, 1), 'all allocated'),
 }
@@ -300,7 +303,68 @@ def _malformed(tmp: str) -> int:
         raise AssertionError('truncated bitmap was accepted')
     except reader.AddCowError as e:
         assert 'bitmap ends' in str(e), e
-    return len(MALFORMED) + 2
+    # A file that ends inside the last bitmap sector: the rest reads 0
+    with open(img, 'wb') as f:
+        f.write(make_header(size, b'x.img') + b'\x05')
+    with open(os.path.join(d, 'x.img'), 'wb') as f:
+        f.write(b'\x42' * size)
+    with reader.Image(img) as r:
+        assert r.allocated_clusters() == 2, r.allocated_clusters()
+        assert r.read(0, 65536) == b'\x42' * 65536
+        assert r.read(65536, 65536) == bytes(65536)
+    return len(MALFORMED) + 3
+
+
+def _plain_names(tmp: str) -> None:
+    """
+    Image file names are plain file names: json: strings and protocol
+    prefixes name the file of that name next to the .add-cow file.
+    """
+    d = tempfile.mkdtemp(dir=tmp)
+    img = os.path.join(d, 'p.add-cow')
+    size = 65536
+    bitmap = b'\x01' + bytes(bitmap_size(size, 16) - 1)
+    for name in (b'json:{"driver":"null-co"}', b'nbd:localhost:10809',
+                 b'file:x.img', b'snap-07:00.img'):
+        with open(img, 'wb') as f:
+            f.write(make_header(size, name) + bitmap)
+        with reader.Image(img) as r:
+            try:
+                r.read(0, size)
+                raise AssertionError(f'{name!r}: read without the file')
+            except reader.AddCowError as e:
+                assert 'cannot open image file' in str(e), e
+        with open(os.path.join(d, os.fsdecode(name)), 'wb') as f:
+            f.write(b'\x42' * size)
+        with reader.Image(img) as r:
+            assert r.image_path() == os.path.join(d, os.fsdecode(name))
+            assert r.read(0, size) == b'\x42' * size, name
+
+
+def _self_references(tmp: str) -> None:
+    """The image file is neither the .add-cow file nor the backing file"""
+    d = tempfile.mkdtemp(dir=tmp)
+    img = os.path.join(d, 's.add-cow')
+    size = 2 * 65536               # cluster 0 allocated, cluster 1 not
+    bitmap = b'\x01' + bytes(bitmap_size(size, 16) - 1)
+    with open(os.path.join(d, 'b.raw'), 'wb') as f:
+        f.write(b'\x11' * size)
+    for name, backing, expect in (
+            (b's.add-cow', None, 'the .add-cow file itself'),
+            (b'./s.add-cow', None, 'the .add-cow file itself'),
+            (b'b.raw', b'b.raw', 'are the same file'),
+            (b'x.img', b's.add-cow', 'the .add-cow file itself')):
+        with open(img, 'wb') as f:
+            f.write(make_header(size, name, backing,
+                                b'raw' if backing else b'') + bitmap)
+        with open(os.path.join(d, 'x.img'), 'wb') as f:
+            f.write(b'\x42' * size)
+        with reader.Image(img) as r:
+            try:
+                r.read(0, size)
+                raise AssertionError(f'{name!r}/{backing!r} was read')
+            except reader.AddCowError as e:
+                assert expect in str(e), e
 
 
 def _warnings(tmp: str) -> None:
@@ -340,6 +404,8 @@ def selftest() -> int:
     tests.append(('image file shorter than virtual size',
                   lambda t: _roundtrip(t, 12, 1 << 20, 4 << 20, 4096)))
     tests.append(('malformed headers', _malformed))
+    tests.append(('plain image file names', _plain_names))
+    tests.append(('self references', _self_references))
     tests.append(('consistency warnings', _warnings))
     passed = failed = 0
     with tempfile.TemporaryDirectory() as tmp:
