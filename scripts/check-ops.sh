@@ -42,7 +42,7 @@ echo "== negative control: mutant ops/zero-fill-on-rename (must diverge)"
 if sys=$(BUILD_DIR=$build "$top/scripts/build-mutant-system.sh" \
                           ops/zero-fill-on-rename); then
     QEMU_IMG_PROG=$sys/qemu-img QEMU_IO_PROG=$sys/qemu-io \
-    QEMU_PROG=$sys/qemu-system-x86_64 ADD_COW_OPS_MINUTES= \
+    QEMU_PROG=$sys/qemu-system-x86_64 ADD_COW_OPS_MINUTES='' \
     ADD_COW_OPS_SEQUENCES=30 \
         python3 "$ops" --build "$build" --until-divergence "$@" || status=1
 else
