@@ -424,6 +424,16 @@ static bool add_cow_same_file(BlockDriverState *a, BlockDriverState *b)
     return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
+/* Is @path the local file behind @bs (same device and inode)? */
+static bool add_cow_is_local_path(BlockDriverState *bs, const char *path)
+{
+    BlockDriverState *local = add_cow_local_file(bs);
+    struct stat a, b;
+
+    return local && stat(local->filename, &a) == 0 && stat(path, &b) == 0 &&
+           a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
 static int coroutine_fn GRAPH_UNLOCKED
 add_cow_open_image(BlockDriverState *bs, QDict *options, Error **errp)
 {
@@ -457,6 +467,16 @@ add_cow_open_image(BlockDriverState *bs, QDict *options, Error **errp)
         }
         path = g_strconcat(dir, s->image_name, NULL);
     }
+
+    /* Never open the .add-cow file a second time as its own image file */
+    bdrv_graph_co_rdlock();
+    if (add_cow_is_local_path(bs->file->bs, path)) {
+        bdrv_graph_co_rdunlock();
+        error_setg(errp, "The image file '%s' of '%s' is the add-cow file "
+                   "itself", s->image_name, bs->file->bs->filename);
+        return -EINVAL;
+    }
+    bdrv_graph_co_rdunlock();
 
     /* bdrv_co_open_child() does not parse json: or protocol prefixes */
     s->image = bdrv_co_open_child(path, options, "image-file", bs,
