@@ -18,8 +18,12 @@
 # signal (the kill -9 crash tests) do not write their counts.
 #
 # Usage: coverage.sh [--build-only | --report-only] [SELECTION...]
+#        coverage.sh --replay PATH...
 #   SELECTION as for run-iotests.sh; default "add-cow:-g add-cow".
 #   --report-only reports the counters of the last run again.
+#   --replay runs the inputs of a libFuzzer corpus (files, or directories
+#   of them: scripts/fuzz.sh) once each through fuzz-add-cow --replay
+#   instead of the tests, and reports in $GCOV_BUILD_DIR/coverage-replay.
 # Environment: GCOV_BUILD_DIR (default .build/gcov), NICE (default 10).
 # Output: the summary on stdout; in $GCOV_BUILD_DIR/coverage/: summary.txt,
 # branches.txt, uncovered.txt (functions never entered, then lines and
@@ -36,11 +40,15 @@ out=$build/coverage
 
 mode=
 case "${1:-}" in
---build-only|--report-only)
+--build-only|--report-only|--replay)
     mode=$1
     shift
     ;;
 esac
+if [ "$mode" = --replay ]; then
+    out=$build/coverage-replay
+    [ $# -gt 0 ] || { echo "coverage: --replay needs a corpus" >&2; exit 2; }
+fi
 if [ $# -eq 0 ]; then
     set -- "add-cow:-g add-cow"
 fi
@@ -77,8 +85,18 @@ build() {
     fi
     local targets="qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon
  qemu-system-x86_64 tests/unit/fuzz-add-cow"
-    # shellcheck disable=SC2086
-    nice -n "$nice" ninja --quiet -C "$build" $targets
+    # gcov reads the source when it reports: it must be what was compiled.
+    # The tree is shared, and prepare-tree.sh may copy a new driver in at
+    # any time: build until the driver did not change during the build.
+    local try
+    for try in 1 2 3; do
+        src_sum >"$build/add-cow-src.sha256"
+        # shellcheck disable=SC2086
+        nice -n "$nice" ninja --quiet -C "$build" $targets
+        if src_sum | cmp -s - "$build/add-cow-src.sha256"; then
+            break
+        fi
+    done
     for t in $targets; do
         [ -x "$build/$t" ] || {
             echo "coverage: $t was not built" >&2
@@ -91,9 +109,23 @@ build() {
     "$top/scripts/link-firmware.sh" "$build"
 }
 
+src_sum() {
+    (cd "$src" && sha256sum block/add-cow*.c)
+}
+
+# The driver as compiled is still the source gcovr reads
+check_src() {
+    if ! src_sum | cmp -s - "$build/add-cow-src.sha256"; then
+        echo "coverage: block/add-cow*.c changed since it was compiled;" \
+             "the counts no longer match the source: run again" >&2
+        exit 1
+    fi
+}
+
 report() {
     local gcovr_args
     mkdir -p "$out"
+    check_src
     # Only the driver; branches of lines without code (compiler-made) are
     # left out; the source is the tree that was compiled
     gcovr_args=(-r "$src" --object-directory "$build"
@@ -111,6 +143,8 @@ report() {
         --json-summary "$out/summary-noassert.json")
     python3 "$top/scripts/coverage-report.py" "$out/coverage.json" \
         "$out/summary-noassert.json" "$src" >"$out/uncovered.txt"
+    check_src
+    src_sum >"$out/source.sha256"
     echo "== line coverage ($out/summary.txt)"
     sed -n '/^File/,$p' "$out/summary.txt"
     echo "== branch coverage ($out/branches.txt)"
@@ -126,7 +160,15 @@ if [ "$mode" != --report-only ]; then
     # Zero the counters: only this run's tests count
     find "$build" -name '*.gcda' -delete
     status=0
-    BUILD_DIR=$build "$top/scripts/run-iotests.sh" "$@" || status=$?
+    if [ "$mode" = --replay ]; then
+        work=$build/replay-work
+        rm -rf "$work"
+        nice -n "$nice" "$build/tests/unit/fuzz-add-cow" --dir "$work" \
+            --replay "$@" || status=$?
+    else
+        BUILD_DIR=$build IOTESTS_LOG_DIR=$build/iotests-logs \
+            "$top/scripts/run-iotests.sh" "$@" || status=$?
+    fi
     if [ "$status" -ne 0 ]; then
         echo "coverage: some tests failed; the figures below include the" \
              "runs that failed" >&2

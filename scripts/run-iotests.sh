@@ -9,13 +9,15 @@
 # "system:ARGS", run as `scripts/guest/check-system.sh ARGS`; the default
 # is the add-cow group plus QEMU's generic quick group, both under -add-cow.
 # Exit status is non-zero if any test failed.
+# Environment: BUILD_DIR (default .build/build), IOTESTS_LOG_DIR (default
+# .build/iotests-logs).
 
 set -uo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
 build=${BUILD_DIR:-$top/.build/build}
 dir=$build/tests/qemu-iotests
-logdir=$top/.build/iotests-logs
+logdir=${IOTESTS_LOG_DIR:-$top/.build/iotests-logs}
 mkdir -p "$logdir"
 
 if [ $# -eq 0 ]; then

@@ -870,7 +870,7 @@ static void check_unmodified(const char *path, const Buf *b)
     if (!g_file_get_contents(path, (char **)&after, &len, NULL)) {
         die("cannot read back %s", path);
     }
-    if (len == b->len && !memcmp(after, b->p, len)) {
+    if (len == b->len && (!len || !memcmp(after, b->p, len))) {
         return;
     }
     /* Like qcow2, unknown autoclear bits are cleared before failing */
@@ -1107,30 +1107,127 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 }
 
 /*
- * Half of the time libFuzzer's own mutations (bytes, crossover with other
- * inputs, the dictionary); else the format-aware ones, which change whole
- * header fields consistently and so get past header validation far more
- * often.
+ * A consistent geometry: cluster_bits in [9, 21], a virtual size that is a
+ * multiple of 512, and the bitmap_size and file length that go with them
+ * (at most @max_len bytes), the bitmap left, random, or all set with the
+ * all-allocated bit.  Such headers pass validation, so the execution
+ * reaches the I/O paths with a geometry that no seed has.
+ */
+static void mut_valid_geometry(Buf *b, size_t max_len)
+{
+    static const uint64_t sizes[] = {
+        0, 512, 65536, 66048, 1 << 20, (1 << 20) + 512, 64 << 20,
+        (64 << 20) + 512, 1ULL << 30, 1ULL << 40,
+    };
+    uint64_t off = get_field(b, &fields[F_BITMAP_OFFSET]);
+    uint64_t cb = 9 + rnd_below(13);
+    uint64_t vs, nb, size;
+
+    if (off >= max_len) {
+        return;
+    }
+    vs = rnd_below(2) ? sizes[rnd_below(ARRAY_SIZE(sizes))]
+                      : QEMU_ALIGN_DOWN(rnd_below(16 << 20), 512);
+    for (;;) {
+        nb = (vs >> cb) + !!(vs & ((1ULL << cb) - 1));
+        size = ROUND_UP(DIV_ROUND_UP(nb, 8), 512);
+        if (off + size <= max_len) {
+            break;
+        }
+        if (cb < 21) {
+            cb++;
+        } else {
+            vs = 1 << 20;
+        }
+    }
+    set_field(b, &fields[F_CLUSTER_BITS], cb);
+    set_field(b, &fields[F_VIRTUAL_SIZE], vs);
+    set_field(b, &fields[F_BITMAP_SIZE], size);
+    buf_resize(b, off + size);
+    switch (rnd_below(3)) {
+    case 0:
+        break;
+    case 1:
+        for (uint64_t i = off; i < off + size; i++) {
+            b->p[i] = rnd();
+        }
+        break;
+    default:
+        memset(b->p + off, 0xff, size);
+        set_field(b, &fields[F_AUTOCLEAR],
+                  get_field(b, &fields[F_AUTOCLEAR]) | 1);
+        break;
+    }
+    g_string_append_printf(b->ops, "geometry cb=%" PRIu64 " vs=0x%" PRIx64
+                           " ", cb, vs);
+}
+
+/* libFuzzer's mutations inside the name area or the bitmap only */
+static size_t mutate_region(uint8_t *data, size_t size)
+{
+    uint64_t off, len;
+
+    if (size < HDR_SIZE) {
+        return 0;
+    }
+    if (rnd_below(2)) {
+        off = HDR_SIZE;
+        len = (uint32_t)ldl_le_p(data + 4);
+    } else {
+        off = ldq_le_p(data + 48);
+        len = ldq_le_p(data + 56);
+    }
+    if (off >= size) {
+        return 0;
+    }
+    len = MIN(len, size - off);
+    if (len) {
+        LLVMFuzzerMutate(data + off, len, len);
+    }
+    return size;
+}
+
+/*
+ * A quarter of the mutations are libFuzzer's own (bytes, crossover with
+ * other inputs, the dictionary), a quarter are libFuzzer's restricted to
+ * the name area or the bitmap, which keeps the fixed header intact, a
+ * quarter are the format-aware ones of the standalone mode, and a quarter
+ * give the image a new valid geometry.  The last three get past header
+ * validation far more often than byte mutations.
  */
 size_t LLVMFuzzerCustomMutator(uint8_t *data, size_t size, size_t max_size,
                                unsigned int seed)
 {
     static Buf b;
+    unsigned kind;
+    size_t len = 0;
 
     rng_seed(seed, size);
-    if (rnd_below(2)) {
+    kind = rnd_below(4);
+    if (kind == 1) {
+        len = mutate_region(data, size);
+        kind = len ? 1 : 0;
+    }
+    if (kind == 0) {
         return LLVMFuzzerMutate(data, size, max_size);
+    } else if (kind == 1) {
+        return len;
     }
     if (!b.ops) {
         b.ops = g_string_new("");
     }
     buf_set(&b, data, size);
-    mutate(&b);
-    size = MIN(b.len, max_size);
-    if (size) {
-        memcpy(data, b.p, size);
+    if (kind == 2) {
+        mutate(&b);
+    } else {
+        g_string_truncate(b.ops, 0);
+        mut_valid_geometry(&b, max_size);
     }
-    return size;
+    len = MIN(b.len, max_size);
+    if (len) {
+        memcpy(data, b.p, len);
+    }
+    return len;
 }
 
 #else
