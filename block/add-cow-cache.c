@@ -40,7 +40,11 @@ typedef struct AddCowCacheEntry {
 } AddCowCacheEntry;
 
 struct AddCowCache {
-    BdrvChild *meta;            /* holds the bitmap */
+    /*
+     * The add-cow node, whose file child holds the bitmap.  Not the child
+     * itself: blockdev-reopen may replace it with a new BdrvChild.
+     */
+    BlockDriverState *bs;
     BdrvChild *image;           /* flushed before a dirty entry is written */
     uint64_t bitmap_offset;
     uint64_t nb_clusters;
@@ -83,7 +87,7 @@ static uint64_t entry_valid_bits(AddCowCache *c, int64_t index)
     return MIN(entry_bits(c), c->nb_clusters - first);
 }
 
-AddCowCache *add_cow_cache_create(BdrvChild *meta, BdrvChild *image,
+AddCowCache *add_cow_cache_create(BlockDriverState *bs, BdrvChild *image,
                                   uint64_t bitmap_offset, uint64_t nb_clusters,
                                   uint32_t entry_bytes, uint64_t max_bytes)
 {
@@ -99,7 +103,7 @@ AddCowCache *add_cow_cache_create(BdrvChild *meta, BdrvChild *image,
     n = MIN(n, needed);
     n = MAX(n, ADD_COW_CACHE_MIN_ENTRIES);
 
-    c->meta = meta;
+    c->bs = bs;
     c->image = image;
     c->bitmap_offset = bitmap_offset;
     c->nb_clusters = nb_clusters;
@@ -147,7 +151,7 @@ bool add_cow_cache_is_dirty(AddCowCache *c)
 static void *cache_buf(AddCowCache *c)
 {
     if (!c->buf) {
-        c->buf = qemu_blockalign(c->meta->bs, c->entry_bytes);
+        c->buf = qemu_blockalign(c->bs->file->bs, c->entry_bytes);
     }
     return c->buf;
 }
@@ -164,7 +168,7 @@ static int coroutine_fn GRAPH_RDLOCK cache_flush_dependency(AddCowCache *c)
         return 0;
     }
     trace_add_cow_cache_image_flush(c);
-    BLKDBG_CO_EVENT(c->meta, BLKDBG_IMAGE_FLUSH);
+    BLKDBG_CO_EVENT(c->bs->file, BLKDBG_IMAGE_FLUSH);
     ret = c->image ? bdrv_co_flush(c->image->bs) : 0;
     if (ret < 0) {
         return ret;
@@ -199,8 +203,8 @@ entry_writeback(AddCowCache *c, AddCowCacheEntry *e)
     buf = cache_buf(c);
     bitmap_to_le(buf, e->bits, entry_bits(c));
     trace_add_cow_cache_writeback(c, e->index, start, end - start);
-    BLKDBG_CO_EVENT(c->meta, BLKDBG_BITMAP_UPDATE);
-    ret = bdrv_co_pwrite(c->meta,
+    BLKDBG_CO_EVENT(c->bs->file, BLKDBG_BITMAP_UPDATE);
+    ret = bdrv_co_pwrite(c->bs->file,
                          c->bitmap_offset + e->index * c->entry_bytes + start,
                          end - start, (uint8_t *)buf + start, 0);
     if (ret < 0) {
@@ -257,8 +261,9 @@ cache_get(AddCowCache *c, int64_t index, AddCowCacheEntry **out)
     memset(buf, 0, c->entry_bytes);
     if (disk_bytes) {
         trace_add_cow_cache_load(c, index);
-        BLKDBG_CO_EVENT(c->meta, BLKDBG_BITMAP_LOAD);
-        ret = bdrv_co_pread(c->meta, c->bitmap_offset + index * c->entry_bytes,
+        BLKDBG_CO_EVENT(c->bs->file, BLKDBG_BITMAP_LOAD);
+        ret = bdrv_co_pread(c->bs->file,
+                            c->bitmap_offset + index * c->entry_bytes,
                             disk_bytes, buf, 0);
         if (ret < 0) {
             return ret;
@@ -409,7 +414,7 @@ int coroutine_fn GRAPH_RDLOCK add_cow_cache_recount(AddCowCache *c)
         }
         if (!src) {
             memset(buf, 0, c->entry_bytes);
-            ret = bdrv_co_pread(c->meta,
+            ret = bdrv_co_pread(c->bs->file,
                                 c->bitmap_offset + index * c->entry_bytes,
                                 disk_bytes, buf, 0);
             if (ret < 0) {
@@ -556,7 +561,7 @@ add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters)
         uint64_t start = (first + 1) * (uint64_t)c->entry_bytes;
         uint64_t end = add_cow_bitmap_size(nb_clusters);
 
-        ret = bdrv_co_pwrite_zeroes(c->meta, c->bitmap_offset + start,
+        ret = bdrv_co_pwrite_zeroes(c->bs->file, c->bitmap_offset + start,
                                     end - start, 0);
         if (ret < 0) {
             c->nb_clusters = old;

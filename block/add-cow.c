@@ -661,7 +661,7 @@ add_cow_do_open(BlockDriverState *bs, QDict *options, int flags,
     bdrv_child_refresh_perms(bs, bs->file, &error_abort);
 
     entry_bytes = MIN(MAX(s->cluster_size, 4096), 65536);
-    s->cache = add_cow_cache_create(bs->file, s->image,
+    s->cache = add_cow_cache_create(bs, s->image,
                                     s->header.bitmap_offset, s->nb_clusters,
                                     entry_bytes, s->cache_size);
     QLIST_INIT(&s->inflight);
@@ -1185,18 +1185,11 @@ add_cow_co_pwrite_zeroes(BlockDriverState *bs, int64_t offset, int64_t bytes,
          end != s->header.virtual_size)) {
         return -ENOTSUP;
     }
-    if (!add_cow_has_backing(bs) && !(flags & BDRV_REQ_NO_FALLBACK)) {
-        bool allocated;
-        int64_t n;
-
-        /* Without a backing file, unallocated clusters read as zeros */
-        qemu_co_mutex_lock(&s->lock);
-        n = add_cow_find_run(s, offset, bytes, &allocated);
-        qemu_co_mutex_unlock(&s->lock);
-        if (n == bytes && !allocated) {
-            return 0;
-        }
-    }
+    /*
+     * Unallocated clusters are allocated even when they read zeros today:
+     * a backing file named later (qemu-img rebase writes zeros exactly so
+     * that they stay zeros under the new backing file) would show through.
+     */
     return add_cow_do_write(bs, offset, bytes, NULL, 0,
                             flags & (BDRV_REQ_MAY_UNMAP |
                                      BDRV_REQ_NO_FALLBACK));

@@ -134,7 +134,7 @@ static inline uint64_t add_cow_bitmap_size(uint64_t nb_clusters)
 }
 
 /* add-cow-cache.c */
-AddCowCache *add_cow_cache_create(BdrvChild *meta, BdrvChild *image,
+AddCowCache *add_cow_cache_create(BlockDriverState *bs, BdrvChild *image,
                                   uint64_t bitmap_offset, uint64_t nb_clusters,
                                   uint32_t entry_bytes, uint64_t max_bytes);
 void add_cow_cache_destroy(AddCowCache *c);
