@@ -19,7 +19,9 @@
 #
 # Usage: coverage.sh [--build-only | --report-only] [SELECTION...]
 #        coverage.sh --replay PATH...
-#   SELECTION as for run-iotests.sh; default "add-cow:-g add-cow".
+#   SELECTION as for run-iotests.sh; default what "make check" runs: the
+#   add-cow group, QEMU's quick group under -add-cow and the quick guest
+#   scenarios.
 #   --report-only reports the counters of the last run again.
 #   --replay runs the inputs of a libFuzzer corpus (files, or directories
 #   of them: scripts/fuzz.sh) once each through fuzz-add-cow --replay
@@ -50,7 +52,7 @@ if [ "$mode" = --replay ]; then
     [ $# -gt 0 ] || { echo "coverage: --replay needs a corpus" >&2; exit 2; }
 fi
 if [ $# -eq 0 ]; then
-    set -- "add-cow:-g add-cow"
+    set -- "add-cow:-g add-cow" "add-cow:-g quick -x add-cow" "system:--quick"
 fi
 
 "$top/scripts/install-deps.sh" coverage

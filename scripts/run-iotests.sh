@@ -79,7 +79,8 @@ for sel in "$@"; do
         log=$logdir/system.log
         echo "== scripts/guest/check-system.sh $args"
         # shellcheck disable=SC2086
-        "$top/scripts/guest/check-system.sh" $args >"$log" 2>&1
+        QEMU_BUILD=$build "$top/scripts/guest/check-system.sh" $args \
+            >"$log" 2>&1
         rc=$?
         grep -E '^\[[a-z-]+\].*(PASS|FAIL)' "$log" | sed 's/^/   /'
         line=$(grep -Eo '[0-9]+/[0-9]+ scenarios passed' "$log" | tail -1)
