@@ -131,11 +131,6 @@ void add_cow_cache_destroy(AddCowCache *c)
     g_free(c);
 }
 
-void add_cow_cache_set_image(AddCowCache *c, BdrvChild *image)
-{
-    c->image = image;
-}
-
 bool add_cow_cache_is_dirty(AddCowCache *c)
 {
     int i;
@@ -453,11 +448,6 @@ int coroutine_fn GRAPH_RDLOCK add_cow_cache_write(AddCowCache *c)
         }
     }
     return 0;
-}
-
-uint32_t add_cow_cache_entry_bytes(AddCowCache *c)
-{
-    return c->entry_bytes;
 }
 
 

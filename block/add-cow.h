@@ -138,7 +138,6 @@ AddCowCache *add_cow_cache_create(BlockDriverState *bs, BdrvChild *image,
                                   uint64_t bitmap_offset, uint64_t nb_clusters,
                                   uint32_t entry_bytes, uint64_t max_bytes);
 void add_cow_cache_destroy(AddCowCache *c);
-void add_cow_cache_set_image(AddCowCache *c, BdrvChild *image);
 int coroutine_fn GRAPH_RDLOCK
 add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters);
 void add_cow_cache_truncate(AddCowCache *c, uint64_t nb_clusters);
@@ -151,7 +150,6 @@ add_cow_cache_set(AddCowCache *c, uint64_t cluster, uint64_t count,
 int coroutine_fn GRAPH_RDLOCK add_cow_cache_write(AddCowCache *c);
 bool add_cow_cache_is_dirty(AddCowCache *c);
 void add_cow_cache_discard_all(AddCowCache *c);
-uint32_t add_cow_cache_entry_bytes(AddCowCache *c);
 int coroutine_fn GRAPH_RDLOCK add_cow_cache_recount(AddCowCache *c);
 uint64_t add_cow_cache_count(AddCowCache *c);
 void add_cow_cache_clear_all(AddCowCache *c);
