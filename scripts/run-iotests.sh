@@ -105,7 +105,12 @@ for sel in "$@"; do
         fail=$((fail + f))
         continue
     fi
-    log=$logdir/$(echo "$fmt $args" | tr -c 'a-zA-Z0-9\n' '_').log
+    name=$(echo "$fmt $args" | tr -c 'a-zA-Z0-9\n' '_')
+    # A long list of tests: a short name made unique by a hash of the list
+    if [ ${#name} -gt 80 ]; then
+        name=${name:0:60}_$(echo "$args" | sha256sum | cut -c1-12)
+    fi
+    log=$logdir/$name.log
     echo "== ./check -$fmt $args"
     # A scratch directory of our own, so that a concurrent ./check by hand
     # (default TEST_DIR) does not share image files with this run.
