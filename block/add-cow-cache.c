@@ -45,7 +45,11 @@ struct AddCowCache {
      * itself: blockdev-reopen may replace it with a new BdrvChild.
      */
     BlockDriverState *bs;
-    BdrvChild *image;           /* flushed before a dirty entry is written */
+    /*
+     * Flushed before a dirty entry is written.  blockdev-reopen cannot
+     * replace it: only file and backing children can be changed.
+     */
+    BdrvChild *image;
     uint64_t bitmap_offset;
     uint64_t nb_clusters;
     uint32_t entry_bytes;
