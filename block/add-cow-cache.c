@@ -27,7 +27,7 @@
 #include "qemu/memalign.h"
 #include "qemu/stats64.h"
 #include "block/block-io.h"
-#include "add-cow.h"
+#include "add-cow-cache.h"
 #include "trace.h"
 
 typedef struct AddCowCacheEntry {
@@ -454,9 +454,8 @@ int coroutine_fn GRAPH_RDLOCK add_cow_cache_write(AddCowCache *c)
     return 0;
 }
 
-
 /* Forget every entry without writing it (after the bitmap was rewritten) */
-void add_cow_cache_discard_all(AddCowCache *c)
+static void cache_forget_all(AddCowCache *c)
 {
     int i;
 
@@ -466,12 +465,24 @@ void add_cow_cache_discard_all(AddCowCache *c)
     }
 }
 
-/* The bitmap on disk was zeroed (emptying the image) */
-void add_cow_cache_clear_all(AddCowCache *c)
+/*
+ * Clear every bit on disk and in the cache, and flush the .add-cow file
+ * (emptying the image).  The node is drained: nothing sets a bit meanwhile.
+ */
+int GRAPH_RDLOCK add_cow_cache_zero_all(AddCowCache *c)
 {
-    add_cow_cache_discard_all(c);
+    int ret;
+
+    ret = bdrv_pwrite_zeroes(c->bs->file, c->bitmap_offset,
+                             add_cow_bitmap_size(c->nb_clusters), 0);
+    /* After a failed write the disk may hold either state: reload */
+    cache_forget_all(c);
+    if (ret < 0) {
+        return ret;
+    }
     c->nb_allocated = 0;
     stat64_set(&c->allocated_pub, 0);
+    return bdrv_flush(c->bs->file->bs);
 }
 
 /*
@@ -536,7 +547,7 @@ add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters)
      * geometry (which masks stale bits past the old end) and written back in
      * full under the new one; the rest of the new range is zeroed directly.
      */
-    add_cow_cache_discard_all(c);
+    cache_forget_all(c);
     first = old / entry_bits(c);
     last = (nb_clusters - 1) / entry_bits(c);
     ret = cache_get(c, first, &e);
@@ -548,7 +559,7 @@ add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters)
     ret = entry_writeback(c, e);
     if (ret < 0) {
         c->nb_clusters = old;
-        add_cow_cache_discard_all(c);
+        cache_forget_all(c);
         return ret;
     }
     if (last > first) {
@@ -559,9 +570,113 @@ add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters)
                                     end - start, 0);
         if (ret < 0) {
             c->nb_clusters = old;
-            add_cow_cache_discard_all(c);
+            cache_forget_all(c);
             return ret;
         }
     }
     return 0;
+}
+
+/*
+ * Clear, on disk, every bit from cluster @first up to byte @end of the
+ * bitmap (padding bits, or bits past a shrunk bitmap), and flush.  The
+ * cache must be clean; it masks such bits anyway, so it stays valid.
+ */
+int coroutine_fn GRAPH_RDLOCK
+add_cow_cache_clear_from(AddCowCache *c, uint64_t first, uint64_t end)
+{
+    BdrvChild *file = c->bs->file;
+    uint64_t first_byte = first / 8;
+    uint64_t sector = QEMU_ALIGN_DOWN(first_byte, BDRV_SECTOR_SIZE);
+    uint64_t rest = sector + BDRV_SECTOR_SIZE;
+    uint8_t *buf;
+    int ret;
+
+    if (sector >= end) {
+        return 0;
+    }
+    /* The sector holding bit @first keeps the bits before it */
+    buf = qemu_blockalign(file->bs, BDRV_SECTOR_SIZE);
+    ret = bdrv_co_pread(file, c->bitmap_offset + sector, BDRV_SECTOR_SIZE,
+                        buf, 0);
+    if (ret == 0) {
+        uint64_t i = first_byte - sector;
+
+        if (first % 8) {
+            buf[i++] &= (1U << (first % 8)) - 1;
+        }
+        memset(buf + i, 0, BDRV_SECTOR_SIZE - i);
+        ret = bdrv_co_pwrite(file, c->bitmap_offset + sector,
+                             BDRV_SECTOR_SIZE, buf, 0);
+    }
+    qemu_vfree(buf);
+    if (ret == 0 && rest < end) {
+        ret = bdrv_co_pwrite_zeroes(file, c->bitmap_offset + rest,
+                                    end - rest, 0);
+    }
+    if (ret == 0) {
+        ret = bdrv_co_flush(file->bs);
+    }
+    return ret;
+}
+
+/* Account for the bitmap byte at @pos (bits from cluster @pos * 8) */
+static void scan_byte(AddCowBitmapScan *sc, uint64_t nb, uint64_t pos,
+                      uint8_t byte)
+{
+    uint64_t c0 = pos * 8;
+    uint8_t mask = c0 >= nb ? 0 : nb - c0 >= 8 ? 0xff : (1U << (nb - c0)) - 1;
+    uint8_t m = byte & mask;
+    uint8_t p = byte & ~mask;
+
+    if (p) {
+        if (!sc->pad_set) {
+            sc->first_pad = pos;
+        }
+        sc->pad_set += ctpop8(p);
+    }
+    if (m) {
+        sc->allocated += ctpop8(m);
+        sc->alloc_end = c0 + 8 - clz8(m);
+    }
+    if (m != mask && sc->first_clear == nb) {
+        sc->first_clear = c0 + ctz32(~m & mask);
+    }
+}
+
+/*
+ * Read the bitmap as it is on disk, padding included, after writing the
+ * cache back: the cache hides the padding bits, so it cannot be used to
+ * check them (qemu-img check).
+ */
+int coroutine_fn GRAPH_RDLOCK
+add_cow_cache_scan(AddCowCache *c, AddCowBitmapScan *sc)
+{
+    const uint64_t chunk = 1024 * 1024;
+    uint64_t size = add_cow_bitmap_size(c->nb_clusters);
+    uint64_t pos, len, i;
+    uint8_t *buf;
+    int ret;
+
+    *sc = (AddCowBitmapScan) { .first_clear = c->nb_clusters };
+    ret = add_cow_cache_write(c);
+    if (ret < 0) {
+        return ret;
+    }
+    buf = qemu_try_blockalign(c->bs->file->bs, MIN(chunk, size));
+    if (!buf && size) {
+        return -ENOMEM;
+    }
+    for (pos = 0; pos < size; pos += len) {
+        len = MIN(chunk, size - pos);
+        ret = bdrv_co_pread(c->bs->file, c->bitmap_offset + pos, len, buf, 0);
+        if (ret < 0) {
+            break;
+        }
+        for (i = 0; i < len; i++) {
+            scan_byte(sc, c->nb_clusters, pos + i, buf[i]);
+        }
+    }
+    qemu_vfree(buf);
+    return ret;
 }

@@ -18,6 +18,15 @@
  * one).  All header fields are little-endian on disk; the in-memory copy
  * in BDRVAddCowState is CPU-endian.
  *
+ * Files, split by concern as QED's are:
+ *   add-cow.c         open, close, reopen, the request path, resize and
+ *                     the BlockDriver
+ *   add-cow-cache.c   the bitmap: the only code that reads or writes its
+ *                     bytes (add-cow-cache.h, which needs nothing from here)
+ *   add-cow-header.c  header encoding, validation and updates, the names
+ *   add-cow-check.c   qemu-img check and repair
+ *   add-cow-create.c  create, measure and amend
+ *
  * Write ordering: a bit is only set on disk after the cluster's data
  * (including the copy-on-write fill) was written to the image file and
  * the image file was flushed.  The bitmap cache enforces this.
@@ -41,6 +50,7 @@
 #include "block/block_int.h"
 #include "block/reqlist.h"
 #include "qemu/coroutine.h"
+#include "add-cow-cache.h"
 
 #define ADD_COW_MAGIC           (('A') | ('C' << 8) | ('O' << 16) | \
                                  ((uint32_t)'W' << 24))
@@ -71,7 +81,6 @@
 
 /* The whole bitmap of a 1 TiB disk at 64 KiB clusters */
 #define ADD_COW_DEFAULT_CACHE_SIZE  (2 * 1024 * 1024)
-#define ADD_COW_CACHE_MIN_ENTRIES   4
 
 #define ADD_COW_OPT_IMAGE_FILE      "image_file"
 #define ADD_COW_OPT_IMAGE_FMT       "image_fmt"
@@ -105,8 +114,6 @@ typedef struct QEMU_PACKED AddCowHeader {
 
 QEMU_BUILD_BUG_ON(sizeof(AddCowHeader) != ADD_COW_NAME_AREA_START);
 
-typedef struct AddCowCache AddCowCache;
-
 typedef struct BDRVAddCowState {
     BlockDriverState *bs;
     BdrvChild *image;               /* the image file (guest data) */
@@ -127,31 +134,68 @@ typedef struct BDRVAddCowState {
     uint64_t cache_size;
 } BDRVAddCowState;
 
-/* Number of bytes the bitmap of @nb_clusters clusters takes on disk */
-static inline uint64_t add_cow_bitmap_size(uint64_t nb_clusters)
+static inline bool add_cow_all_allocated(BDRVAddCowState *s)
 {
-    return ROUND_UP(DIV_ROUND_UP(nb_clusters, 8), BDRV_SECTOR_SIZE);
+    return s->header.autoclear_features & ADD_COW_AUTOCLEAR_ALL_ALLOCATED;
 }
 
-/* add-cow-cache.c */
-AddCowCache *add_cow_cache_create(BlockDriverState *bs, BdrvChild *image,
-                                  uint64_t bitmap_offset, uint64_t nb_clusters,
-                                  uint32_t entry_bytes, uint64_t max_bytes);
-void add_cow_cache_destroy(AddCowCache *c);
+/*
+ * Unallocated clusters may read non-zero data: a backing file is attached,
+ * or the header names one (a node opened with "backing": null must not
+ * make zero writes that the next normal open would not see).
+ */
+static inline bool add_cow_has_backing(BlockDriverState *bs)
+{
+    BDRVAddCowState *s = bs->opaque;
+
+    return bs->backing || s->header.backing_name_size;
+}
+
+/* add-cow.c */
+int coroutine_fn GRAPH_RDLOCK add_cow_fill_unallocated(BlockDriverState *bs);
+
+/* add-cow-header.c */
 int coroutine_fn GRAPH_RDLOCK
-add_cow_cache_resize(AddCowCache *c, uint64_t nb_clusters);
-void add_cow_cache_truncate(AddCowCache *c, uint64_t nb_clusters);
-int64_t coroutine_fn GRAPH_RDLOCK
-add_cow_cache_get_run(AddCowCache *c, uint64_t cluster, uint64_t max,
-                      bool *allocated);
+add_cow_read_header(BlockDriverState *bs, Error **errp);
 int coroutine_fn GRAPH_RDLOCK
-add_cow_cache_set(AddCowCache *c, uint64_t cluster, uint64_t count,
-                  bool allocated);
-int coroutine_fn GRAPH_RDLOCK add_cow_cache_write(AddCowCache *c);
-bool add_cow_cache_is_dirty(AddCowCache *c);
-void add_cow_cache_discard_all(AddCowCache *c);
-int coroutine_fn GRAPH_RDLOCK add_cow_cache_recount(AddCowCache *c);
-uint64_t add_cow_cache_count(AddCowCache *c);
-void add_cow_cache_clear_all(AddCowCache *c);
+add_cow_read_names(BlockDriverState *bs, Error **errp);
+void add_cow_header_cpu_to_le(const AddCowHeader *cpu, AddCowHeader *le);
+void add_cow_set_geometry(BDRVAddCowState *s);
+int coroutine_mixed_fn GRAPH_RDLOCK
+add_cow_update_header(BlockDriverState *bs, const AddCowHeader *h);
+int coroutine_mixed_fn GRAPH_RDLOCK
+add_cow_clear_unknown_autoclear(BlockDriverState *bs);
+int coroutine_mixed_fn GRAPH_RDLOCK
+add_cow_switch_name(BlockDriverState *bs, AddCowHeader *h, bool backing,
+                    const char *name);
+char *add_cow_name_path(const char *base, const char *name);
+char * GRAPH_RDLOCK
+add_cow_resolve(BlockDriverState *bs, const char *name, Error **errp);
+char * GRAPH_RDLOCK add_cow_header_image_path(BlockDriverState *bs);
+BlockDriverState *add_cow_local_file(BlockDriverState *bs);
+bool add_cow_same_file(BlockDriverState *a, BlockDriverState *b);
+bool add_cow_is_local_path(BlockDriverState *bs, const char *path);
+bool GRAPH_RDLOCK
+add_cow_names_itself(BlockDriverState *bs, const char *name);
+
+/* add-cow-check.c */
+int coroutine_fn GRAPH_RDLOCK
+add_cow_co_check(BlockDriverState *bs, BdrvCheckResult *result,
+                 BdrvCheckMode fix);
+
+/* add-cow-create.c */
+extern QemuOptsList add_cow_create_opts;
+extern QemuOptsList add_cow_amend_opts;
+int coroutine_fn GRAPH_UNLOCKED
+add_cow_co_create(BlockdevCreateOptions *opts, Error **errp);
+int coroutine_fn GRAPH_UNLOCKED
+add_cow_co_create_opts(BlockDriver *drv, const char *filename,
+                       QemuOpts *opts, Error **errp);
+BlockMeasureInfo *add_cow_measure(QemuOpts *opts, BlockDriverState *in_bs,
+                                  Error **errp);
+int GRAPH_RDLOCK
+add_cow_amend_options(BlockDriverState *bs, QemuOpts *opts,
+                      BlockDriverAmendStatusCB *status_cb, void *cb_opaque,
+                      bool force, Error **errp);
 
 #endif /* BLOCK_ADD_COW_H */

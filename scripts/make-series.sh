@@ -127,7 +127,7 @@ target each step of a bitmap update.
 MSG
 
 # 3. The bitmap cache
-put block/add-cow.h block/add-cow-cache.c
+put block/add-cow-cache.h block/add-cow-cache.c
 commit <<'MSG'
 block/add-cow: bitmap cache
 
@@ -138,11 +138,56 @@ file holding the guest data, not the file the bitmap lives in: that is
 what orders a bitmap bit after the data it describes.  One image flush
 covers all bits set since the previous one.
 
-add-cow.h holds the on-disk header layout and the driver state.  The
-cache is only built together with the driver (next patch).
+It is the only code that reads or writes the bitmap's bytes: lookups of
+runs, setting and clearing bits, an allocated-cluster count kept up to
+date (so that query-named-block-nodes does no bitmap I/O), clearing on
+shrink and when the image is emptied, and the raw scan qemu-img check
+needs.  add-cow-cache.h needs nothing from the driver.  The cache is
+only built together with the driver (the patch that adds add-cow.c).
 MSG
 
-# 4. The driver
+# 4. Header and names
+put block/add-cow.h block/add-cow-header.c
+commit <<'MSG'
+block/add-cow: header encoding, validation and names
+
+add-cow.h holds the on-disk header layout, the driver state, and the
+locking and write-ordering rules in one place.  add-cow-header.c
+converts and validates the fixed header (every field, so that no value
+read from an untrusted image can overflow an offset computation), reads
+the image and backing file names, and is the one place that switches a
+name: the new name goes into free bytes of the name area and is
+flushed before the sector-0 write that points at it, so a crash leaves
+either the old or the new header, never a torn name.
+MSG
+
+# 5. Check and repair
+put block/add-cow-check.c
+commit <<'MSG'
+block/add-cow: check and repair
+
+qemu-img check reports what a reader tolerates but a later operation
+must not see: padding bits set past the last cluster (leaks, cleared by
+-r leaks), the all-allocated flag over clear bits (set the bits, reads
+follow the flag), and an image file that ends before allocated data
+(extended by -r all).
+MSG
+
+# 6. Create, measure, amend
+put block/add-cow-create.c
+commit <<'MSG'
+block/add-cow: create, measure and amend
+
+blockdev-create and qemu-img create make the image file (the add-cow
+file's name plus ".img" unless one is named; an existing file of the
+derived name is refused, as it may hold another disk's data), write the
+bitmap area and then the header.  measure counts both files.  amend
+changes the backing format, switches to another image file that holds
+the same data, or makes the image file a standalone raw disk
+(image_file_raw=on) on an image without backing file.
+MSG
+
+# 7. The driver
 put block/add-cow.c
 apply '/[0-9]+-(block|maintainers)'
 commit <<'MSG'
@@ -159,16 +204,15 @@ bits in the cache, which flushes the image file before it writes them.
 The image file named in the header is opened as a plain file name
 relative to the .add-cow file (never parsed as json: or a protocol
 string), or given as a node with the image-file option.  The driver
-implements create (qemu-img and blockdev-create), block status, check
-and repair, make_empty, backing file changes with an untearable header
-update, resize, amend, measure, zero writes and discard, and migration
-hooks.
+implements block status, make_empty, backing file changes, resize, zero
+writes and discard, and migration hooks; create, check and amend come
+from the previous patches.
 
 The driver is always built, like qed; MAINTAINERS gets an add-cow
 section for the driver, its specification and its tests.
 MSG
 
-# 5. iotests harness
+# 8. iotests harness
 apply '/[0-9]+-(iotests|image-fuzzer)' '/[0-9]+-iotests-add-cow-in-qed-tests'
 commit <<'MSG'
 iotests: accept the add-cow format
@@ -181,7 +225,7 @@ deliberately lacks (each with its reason).  The image fuzzer takes the
 image format from its generator module.
 MSG
 
-# 6. The in-process fuzzer (run by the add-cow-fuzz-inproc iotest)
+# 9. The in-process fuzzer (run by the add-cow-fuzz-inproc iotest)
 put tests/unit/fuzz-add-cow.c tests/unit/fuzz-add-cow.h
 apply '/[0-9]+-tests'
 commit <<'MSG'
@@ -203,7 +247,7 @@ under libFuzzer, guided by the coverage of the driver; --replay runs
 such inputs once each in any build.
 MSG
 
-# 7. add-cow iotests
+# 10. add-cow iotests
 # shellcheck disable=SC2086
 put $test_files
 commit <<'MSG'
@@ -217,7 +261,7 @@ an independent reader written from the specification alone, plus the
 add-cow image generator for tests/image-fuzzer.
 MSG
 
-# 8. QEMU's tests that run with qed run with add-cow too
+# 11. QEMU's tests that run with qed run with add-cow too
 # shellcheck disable=SC2086
 put $qed_test_outputs
 apply '/[0-9]+-iotests-add-cow-in-qed-tests'
