@@ -220,6 +220,19 @@ static char *add_cow_node_name_for(BlockDriverState *bs,
     return g_steal_pointer(&ipath);
 }
 
+static int add_cow_check_cluster_size(uint64_t cluster_size, Error **errp)
+{
+    if (!is_power_of_2(cluster_size) ||
+        cluster_size < (1 << ADD_COW_MIN_CLUSTER_BITS) ||
+        cluster_size > (1 << ADD_COW_MAX_CLUSTER_BITS)) {
+        error_setg(errp, "add-cow cluster size must be a power of two "
+                   "between %d and %d", 1 << ADD_COW_MIN_CLUSTER_BITS,
+                   1 << ADD_COW_MAX_CLUSTER_BITS);
+        return -EINVAL;
+    }
+    return 0;
+}
+
 /* Check the creation options that need no file */
 static int add_cow_create_check(BlockdevCreateOptionsAddCow *ac,
                                 uint64_t *cluster_size, PreallocMode *prealloc,
@@ -227,12 +240,7 @@ static int add_cow_create_check(BlockdevCreateOptionsAddCow *ac,
 {
     *cluster_size = ac->has_cluster_size ? ac->cluster_size :
                     ADD_COW_DEFAULT_CLUSTER_SIZE;
-    if (!is_power_of_2(*cluster_size) ||
-        *cluster_size < (1 << ADD_COW_MIN_CLUSTER_BITS) ||
-        *cluster_size > (1 << ADD_COW_MAX_CLUSTER_BITS)) {
-        error_setg(errp, "add-cow cluster size must be a power of two "
-                   "between %d and %d", 1 << ADD_COW_MIN_CLUSTER_BITS,
-                   1 << ADD_COW_MAX_CLUSTER_BITS);
+    if (add_cow_check_cluster_size(*cluster_size, errp) < 0) {
         return -EINVAL;
     }
     if (!QEMU_IS_ALIGNED(ac->size, BDRV_SECTOR_SIZE) ||
@@ -280,17 +288,28 @@ static int add_cow_create_check(BlockdevCreateOptionsAddCow *ac,
 }
 
 /*
- * Make the image file of a new image cover @size bytes.  An existing image
- * file is kept and never shrunk.
+ * Check the image file of a new image whose .add-cow file is @bs, and make
+ * it cover @size bytes.  An existing image file is kept and never shrunk.
  */
 static int coroutine_fn GRAPH_UNLOCKED
-add_cow_prepare_image(BlockDriverState *image_bs, const char *image_name,
-                      uint64_t size, PreallocMode prealloc, Error **errp)
+add_cow_prepare_image(BlockDriverState *bs, BlockDriverState *image_bs,
+                      const char *image_name, uint64_t size,
+                      PreallocMode prealloc, Error **errp)
 {
     BlockBackend *image_blk;
     int64_t image_len;
     int ret;
 
+    if (!image_name[0] || strlen(image_name) > ADD_COW_MAX_NAME_SIZE) {
+        error_setg(errp, "The image file needs a name of 1 to %d bytes",
+                   ADD_COW_MAX_NAME_SIZE);
+        return -EINVAL;
+    }
+    if (add_cow_same_file(bs, image_bs)) {
+        error_setg(errp, "The image file '%s' is the add-cow file itself",
+                   image_name);
+        return -EINVAL;
+    }
     image_blk = blk_co_new_with_bs(image_bs, BLK_PERM_WRITE | BLK_PERM_RESIZE,
                                    BLK_PERM_ALL, errp);
     if (!image_blk) {
@@ -332,7 +351,7 @@ add_cow_co_create(BlockdevCreateOptions *opts, Error **errp)
 {
     BlockdevCreateOptionsAddCow *ac;
     BlockDriverState *bs = NULL, *image_bs = NULL;
-    BlockBackend *blk = NULL;
+    BlockBackend *blk;
     const char *backing_fmt;
     g_autofree char *image_name = NULL;
     PreallocMode prealloc;
@@ -365,20 +384,8 @@ add_cow_co_create(BlockdevCreateOptions *opts, Error **errp)
         ret = -EIO;
         goto out;
     }
-    if (!image_name[0] || strlen(image_name) > ADD_COW_MAX_NAME_SIZE) {
-        error_setg(errp, "The image file needs a name of 1 to %d bytes",
-                   ADD_COW_MAX_NAME_SIZE);
-        ret = -EINVAL;
-        goto out;
-    }
-    if (add_cow_same_file(bs, image_bs)) {
-        error_setg(errp, "The image file '%s' is the add-cow file itself",
-                   image_name);
-        ret = -EINVAL;
-        goto out;
-    }
-
-    ret = add_cow_prepare_image(image_bs, image_name, size, prealloc, errp);
+    ret = add_cow_prepare_image(bs, image_bs, image_name, size, prealloc,
+                                errp);
     if (ret < 0) {
         goto out;
     }
@@ -393,9 +400,9 @@ add_cow_co_create(BlockdevCreateOptions *opts, Error **errp)
     ret = add_cow_write_new_header(blk, size, ctz64(cluster_size),
                                    image_name, "raw", ac->backing_file,
                                    backing_fmt, errp);
+    blk_co_unref(blk);
 
 out:
-    blk_co_unref(blk);
     if (ret < 0 && image_created) {
         bdrv_co_delete_file_noerr(image_bs);
     }
@@ -441,17 +448,11 @@ add_cow_replaced_image(const char *filename)
     return path;
 }
 
-int coroutine_fn GRAPH_UNLOCKED
-add_cow_co_create_opts(BlockDriver *drv, const char *filename,
-                       QemuOpts *opts, Error **errp)
+/* The blockdev-create options (except driver and file) of qemu-img create */
+static QDict *add_cow_create_qdict(QemuOpts *opts, Error **errp)
 {
-    BlockdevCreateOptions *create_options = NULL;
-    BlockDriverState *bs = NULL;
     g_autofree char *prealloc = NULL;
-    g_autofree char *replaced = NULL;
     QDict *qdict;
-    Visitor *v;
-    int ret;
 
     static const QDictRenames opt_renames[] = {
         { BLOCK_OPT_BACKING_FILE,       "backing-file" },
@@ -467,11 +468,29 @@ add_cow_co_create_opts(BlockDriver *drv, const char *filename,
     qdict = qemu_opts_to_qdict_filtered(opts, NULL, &add_cow_create_opts,
                                         true);
     if (!qdict_rename_keys(qdict, opt_renames, errp)) {
-        ret = -EINVAL;
-        goto fail;
+        qobject_unref(qdict);
+        return NULL;
     }
     if (prealloc) {
         qdict_put_str(qdict, "preallocation", prealloc);
+    }
+    return qdict;
+}
+
+int coroutine_fn GRAPH_UNLOCKED
+add_cow_co_create_opts(BlockDriver *drv, const char *filename,
+                       QemuOpts *opts, Error **errp)
+{
+    BlockdevCreateOptions *create_options = NULL;
+    BlockDriverState *bs = NULL;
+    g_autofree char *replaced = NULL;
+    QDict *qdict;
+    Visitor *v;
+    int ret;
+
+    qdict = add_cow_create_qdict(opts, errp);
+    if (!qdict) {
+        return -EINVAL;
     }
 
     if (!qdict_haskey(qdict, "image-filename")) {
@@ -568,6 +587,46 @@ QemuOptsList add_cow_create_opts = {
 };
 
 /*
+ * The image file bytes a conversion of @in_bs needs, in *@required: the
+ * clusters that hold data (whole clusters, as an allocating write fills
+ * them), or everything if a backing file is named (it may share nothing
+ * with the input, as qcow2 assumes).  Returns the size of @in_bs.
+ */
+static int64_t add_cow_measure_data(BlockDriverState *in_bs,
+                                    uint64_t cluster_size, bool has_backing,
+                                    uint64_t *required, Error **errp)
+{
+    int64_t ssize = bdrv_getlength(in_bs);
+    int64_t offset, pnum = 0;
+
+    if (ssize < 0) {
+        error_setg_errno(errp, -ssize, "Unable to get image virtual_size");
+        return ssize;
+    }
+    if (has_backing) {
+        *required = ROUND_UP(ssize, cluster_size);
+    }
+    for (offset = 0; !has_backing && offset < ssize; offset += pnum) {
+        int ret = bdrv_block_status_above(in_bs, NULL, offset, ssize - offset,
+                                          &pnum, NULL, NULL);
+
+        if (ret < 0) {
+            error_setg_errno(errp, -ret, "Unable to get block status");
+            return ret;
+        }
+        if (ret & BDRV_BLOCK_ZERO) {
+            /* A new image without backing file reads zeros */
+        } else if ((ret & (BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED)) ==
+                   (BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED)) {
+            pnum = ROUND_UP(offset + pnum, cluster_size) - offset;
+            *required += offset % cluster_size + pnum;
+        }
+    }
+    *required = MIN(*required, ROUND_UP(ssize, BDRV_SECTOR_SIZE));
+    return ssize;
+}
+
+/*
  * qemu-img measure.  An add-cow disk is two files: the .add-cow file
  * (header and bitmap, its size known exactly) and the image file (guest
  * data at guest offsets, so at most the virtual size, and for a converted
@@ -586,49 +645,20 @@ BlockMeasureInfo *add_cow_measure(QemuOpts *opts, BlockDriverState *in_bs,
 
     cluster_size = qemu_opt_get_size_del(opts, BLOCK_OPT_CLUSTER_SIZE,
                                          ADD_COW_DEFAULT_CLUSTER_SIZE);
-    if (!is_power_of_2(cluster_size) ||
-        cluster_size < (1 << ADD_COW_MIN_CLUSTER_BITS) ||
-        cluster_size > (1 << ADD_COW_MAX_CLUSTER_BITS)) {
-        error_setg(errp, "add-cow cluster size must be a power of two "
-                   "between %d and %d", 1 << ADD_COW_MIN_CLUSTER_BITS,
-                   1 << ADD_COW_MAX_CLUSTER_BITS);
+    if (add_cow_check_cluster_size(cluster_size, errp) < 0) {
         return NULL;
     }
     has_backing = qemu_opt_get(opts, BLOCK_OPT_BACKING_FILE) != NULL;
     virtual_size = qemu_opt_get_size_del(opts, BLOCK_OPT_SIZE, 0);
 
     if (in_bs) {
-        int64_t ssize = bdrv_getlength(in_bs);
-        int64_t offset, pnum = 0;
+        int64_t ssize = add_cow_measure_data(in_bs, cluster_size, has_backing,
+                                             &required, errp);
 
         if (ssize < 0) {
-            error_setg_errno(errp, -ssize, "Unable to get image virtual_size");
             return NULL;
         }
         virtual_size = ssize;
-        if (has_backing) {
-            /* The backing file may share nothing with the input */
-            required = ROUND_UP(virtual_size, cluster_size);
-        }
-        for (offset = 0; !has_backing && offset < ssize; offset += pnum) {
-            int ret = bdrv_block_status_above(in_bs, NULL, offset,
-                                              ssize - offset, &pnum, NULL,
-                                              NULL);
-
-            if (ret < 0) {
-                error_setg_errno(errp, -ret, "Unable to get block status");
-                return NULL;
-            }
-            if (ret & BDRV_BLOCK_ZERO) {
-                /* A new image without backing file reads zeros */
-            } else if ((ret & (BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED)) ==
-                       (BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED)) {
-                /* Whole clusters: an allocating write fills the rest */
-                pnum = ROUND_UP(offset + pnum, cluster_size) - offset;
-                required += offset % cluster_size + pnum;
-            }
-        }
-        required = MIN(required, ROUND_UP(virtual_size, BDRV_SECTOR_SIZE));
     }
     virtual_size = ROUND_UP(virtual_size, BDRV_SECTOR_SIZE);
     if (virtual_size > BDRV_MAX_LENGTH) {

@@ -159,6 +159,31 @@ static int add_cow_parse_runtime(BlockDriverState *bs, QDict *options,
     return 0;
 }
 
+/* Open the image file child.  Called with the graph read-locked. */
+static int coroutine_fn GRAPH_RDLOCK
+add_cow_open_image_child(BlockDriverState *bs, QDict *options, int flags,
+                         Error **errp)
+{
+    int ret = 0;
+
+    if (flags & BDRV_O_NO_IO) {
+        /*
+         * Like qcow2's data file: qemu-img info must be able to inspect an
+         * untrusted image without opening the file its header names.
+         */
+        qdict_extract_subqdict(options, NULL, "image-file.");
+        qdict_del(options, "image-file");
+    } else {
+        bdrv_graph_co_rdunlock();
+        ret = add_cow_open_image(bs, options, errp);
+        bdrv_graph_co_rdlock();
+        if (ret == 0) {
+            ret = add_cow_check_image(bs, errp);
+        }
+    }
+    return ret;
+}
+
 static int coroutine_fn GRAPH_RDLOCK
 add_cow_do_open(BlockDriverState *bs, QDict *options, int flags,
                 bool open_image, Error **errp)
@@ -184,20 +209,8 @@ add_cow_do_open(BlockDriverState *bs, QDict *options, int flags,
     bs->supported_zero_flags = BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK;
     bs->supported_truncate_flags = BDRV_REQ_ZERO_WRITE;
 
-    if (open_image && (flags & BDRV_O_NO_IO)) {
-        /*
-         * Like qcow2's data file: qemu-img info must be able to inspect an
-         * untrusted image without opening the file its header names.
-         */
-        qdict_extract_subqdict(options, NULL, "image-file.");
-        qdict_del(options, "image-file");
-    } else if (open_image) {
-        bdrv_graph_co_rdunlock();
-        ret = add_cow_open_image(bs, options, errp);
-        bdrv_graph_co_rdlock();
-        if (ret == 0) {
-            ret = add_cow_check_image(bs, errp);
-        }
+    if (open_image) {
+        ret = add_cow_open_image_child(bs, options, flags, errp);
         if (ret < 0) {
             return ret;
         }
@@ -1158,6 +1171,32 @@ add_cow_zero_new_area(BlockDriverState *bs, int64_t old_size,
 }
 
 /*
+ * Growing to @offset: the image file bytes between the old end and the end
+ * of an allocated partial last cluster become visible, so zero them.
+ */
+static int coroutine_fn GRAPH_RDLOCK
+add_cow_zero_old_tail(BlockDriverState *bs, uint64_t offset,
+                      int64_t image_len)
+{
+    BDRVAddCowState *s = bs->opaque;
+    uint64_t old_size = s->header.virtual_size;
+    int64_t zend = MIN(MIN(ROUND_UP(old_size, s->cluster_size), offset),
+                       image_len);
+    bool allocated;
+    int64_t n;
+
+    if (QEMU_IS_ALIGNED(old_size, s->cluster_size) || zend <= old_size) {
+        return 0;
+    }
+    n = add_cow_find_run(s, old_size - 1, 1, &allocated);
+    if (n < 0) {
+        return n;
+    }
+    return allocated ? bdrv_co_pwrite_zeroes(s->image, old_size,
+                                             zend - old_size, 0) : 0;
+}
+
+/*
  * Grow, in the spec's order ("Resize"): (1) if the old last cluster is
  * partial and allocated, zero the image file bytes between the old end and
  * the end of that cluster (they become visible); (2) extend the image file
@@ -1179,23 +1218,12 @@ add_cow_grow(BlockDriverState *bs, uint64_t offset, int64_t image_len,
     AddCowHeader h = s->header;
     int ret;
 
-    /* (1) stale bytes in the allocated partial last cluster */
-    if (!QEMU_IS_ALIGNED(old_size, s->cluster_size)) {
-        int64_t zend = MIN(MIN(ROUND_UP(old_size, s->cluster_size), offset),
-                           image_len);
-        bool allocated;
-        int64_t n = add_cow_find_run(s, old_size - 1, 1, &allocated);
-
-        ret = n < 0 ? n : 0;
-        if (ret == 0 && allocated && zend > old_size) {
-            ret = bdrv_co_pwrite_zeroes(s->image, old_size, zend - old_size,
-                                        0);
-        }
-        if (ret < 0) {
-            error_setg_errno(errp, -ret, "Could not clear the image file past "
-                             "the old end");
-            return ret;
-        }
+    /* (1) */
+    ret = add_cow_zero_old_tail(bs, offset, image_len);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "Could not clear the image file past "
+                         "the old end");
+        return ret;
     }
     /* (2) */
     if (image_len < offset) {
