@@ -11,14 +11,17 @@
  * changed, so write-back touches only those sectors.
  *
  * Ordering: setting a bit records that guest data was written to the image
- * file, but that data may still sit in a volatile write cache.  Before any
- * dirty entry reaches the .add-cow file, the image file is flushed
- * (depends_on_flush).  This is qcow2-cache's depends_on_flush, except that
- * the child flushed is the image file, not the metadata file: flushing the
- * file the bitmap lives in would order nothing.
+ * file, but that data may still sit in a volatile write cache.  Before a
+ * dirty entry reaches the .add-cow file, the image file is flushed, unless
+ * a flush that started after the entry's last bit was set has completed
+ * (the entry's generation against flushed_gen).  This is qcow2-cache's
+ * depends_on_flush, except that the child flushed is the image file, not
+ * the metadata file: flushing the file the bitmap lives in would order
+ * nothing.
  *
  * Concurrency: every function here runs under the driver's s->lock, so
  * an entry pointer stays valid until the next call that may load or evict.
+ * add_cow_cache_flush_image() alone drops that lock, around the flush.
  */
 
 #include "qemu/osdep.h"
@@ -36,6 +39,7 @@ typedef struct AddCowCacheEntry {
     bool dirty;
     uint32_t dirty_start;       /* dirty byte range, sector-aligned */
     uint32_t dirty_end;
+    uint64_t gen;               /* set_gen of the last bit set while dirty */
     uint64_t lru;
 } AddCowCacheEntry;
 
@@ -58,7 +62,14 @@ struct AddCowCache {
     AddCowCacheEntry *last;     /* most recently used entry, or NULL */
     void *buf;                  /* I/O bounce buffer, entry_bytes */
     uint64_t lru_counter;
-    bool depends_on_flush;
+    /*
+     * Every add_cow_cache_set() that sets bits takes a new generation; an
+     * image file flush that starts when set_gen is G covers the data of
+     * every bit of generation <= G, and moves flushed_gen up to G when it
+     * completes.  A dirty entry with gen > flushed_gen must not be written.
+     */
+    uint64_t set_gen;
+    uint64_t flushed_gen;
     uint64_t nb_allocated;      /* meaningful bits set, in memory */
     Stat64 allocated_pub;       /* nb_allocated, readable without lock */
 };
@@ -156,23 +167,65 @@ static void *cache_buf(AddCowCache *c)
 }
 
 /*
- * Make the image file's data stable before a bitmap write that may set
- * bits for it.
+ * Flush the image file, which makes the data of every bit set before the
+ * call stable.  Touches nothing in @c, so it may run without the lock.
  */
-static int coroutine_fn GRAPH_RDLOCK cache_flush_dependency(AddCowCache *c)
+static int coroutine_fn GRAPH_RDLOCK cache_image_flush(AddCowCache *c)
 {
     int ret;
 
-    if (!c->depends_on_flush) {
-        return 0;
-    }
     trace_add_cow_cache_image_flush(c);
     BLKDBG_CO_EVENT(c->bs->file, BLKDBG_IMAGE_FLUSH);
     ret = c->image ? bdrv_co_flush(c->image->bs) : 0;
     if (ret < 0) {
         return ret;
     }
-    c->depends_on_flush = false;
+    return 0;
+}
+
+/*
+ * Make the image file's data stable before the bitmap write of @e, if it
+ * may set bits for data that no completed flush covers.
+ */
+static int coroutine_fn GRAPH_RDLOCK
+cache_flush_dependency(AddCowCache *c, AddCowCacheEntry *e)
+{
+    uint64_t gen = c->set_gen;
+    int ret;
+
+    if (e->gen <= c->flushed_gen) {
+        return 0;
+    }
+    ret = cache_image_flush(c);
+    if (ret == 0) {
+        c->flushed_gen = MAX(c->flushed_gen, gen);
+    }
+    return ret;
+}
+
+/*
+ * Flush the image file for the bits set so far with @lock, the driver's
+ * lock that the caller holds, dropped meanwhile: requests that do not
+ * depend on the flush (reads, writes to allocated clusters) go on instead
+ * of waiting for an fsync.  Bits set while it runs are not covered; after
+ * a few tries, add_cow_cache_write() flushes for them under the lock.
+ */
+int coroutine_fn GRAPH_RDLOCK
+add_cow_cache_flush_image(AddCowCache *c, CoMutex *lock)
+{
+    int tries, ret;
+
+    for (tries = 0; tries < 3 && c->set_gen > c->flushed_gen; tries++) {
+        uint64_t gen = c->set_gen;
+
+        qemu_co_mutex_unlock(lock);
+        ret = cache_image_flush(c);
+        qemu_co_mutex_lock(lock);
+        if (ret < 0) {
+            return ret;
+        }
+        c->flushed_gen = MAX(c->flushed_gen, gen);
+    }
     return 0;
 }
 
@@ -194,7 +247,7 @@ entry_writeback(AddCowCache *c, AddCowCacheEntry *e)
         return 0;
     }
 
-    ret = cache_flush_dependency(c);
+    ret = cache_flush_dependency(c, e);
     if (ret < 0) {
         return ret;
     }
@@ -374,7 +427,7 @@ add_cow_cache_set(AddCowCache *c, uint64_t cluster, uint64_t count,
                                                          cluster - base, n);
         if (allocated) {
             bitmap_set(e->bits, cluster - base, n);
-            c->depends_on_flush = true;
+            e->gen = ++c->set_gen;
             c->nb_allocated += n;
         } else {
             bitmap_clear(e->bits, cluster - base, n);

@@ -18,6 +18,7 @@
 #define BLOCK_ADD_COW_CACHE_H
 
 #include "block/block_int.h"
+#include "qemu/coroutine.h"
 
 #define ADD_COW_CACHE_MIN_ENTRIES   4
 
@@ -54,6 +55,8 @@ uint64_t add_cow_cache_count(AddCowCache *c);
 int coroutine_fn GRAPH_RDLOCK add_cow_cache_recount(AddCowCache *c);
 
 /* Write-back, with the image file flush it depends on */
+int coroutine_fn GRAPH_RDLOCK
+add_cow_cache_flush_image(AddCowCache *c, CoMutex *lock);
 int coroutine_fn GRAPH_RDLOCK add_cow_cache_write(AddCowCache *c);
 bool add_cow_cache_is_dirty(AddCowCache *c);
 

@@ -819,11 +819,16 @@ static int coroutine_fn GRAPH_RDLOCK add_cow_co_flush_to_os(
     int ret;
 
     /*
-     * Image flush, then the dirty bitmap entries.  The block layer then
-     * flushes both children, which makes the bitmap itself stable.
+     * Image flush (without s->lock: a guest flush must not stall the reads
+     * and writes that do not depend on it), then the dirty bitmap entries.
+     * The block layer then flushes both children, which makes the bitmap
+     * itself stable.
      */
     qemu_co_mutex_lock(&s->lock);
-    ret = add_cow_cache_write(s->cache);
+    ret = add_cow_cache_flush_image(s->cache, &s->lock);
+    if (ret == 0) {
+        ret = add_cow_cache_write(s->cache);
+    }
     qemu_co_mutex_unlock(&s->lock);
     return ret;
 }

@@ -34,8 +34,11 @@
  * Locking: s->lock (a CoMutex) protects the header copy, the names, the
  * bitmap cache and s->inflight.  Cache calls, header writes and name
  * writes may yield with it held (they do I/O on the .add-cow file, and
- * the cache flushes the image file before writing a set bit).  Guest data
- * I/O to the image and backing files runs without it.  Bits are set only
+ * the cache flushes the image file before writing a set bit when no
+ * completed flush covers it).  A guest flush makes its image file flush
+ * with the lock dropped (add_cow_cache_flush_image()), so that requests
+ * that do not depend on it do not wait for an fsync.  Guest data I/O to
+ * the image and backing files runs without the lock.  Bits are set only
  * after their data was written, by the allocating write that registered
  * the clusters in s->inflight; bits are cleared by discard (with its range
  * registered), shrink, and emptying (which drains the node).  Code outside
