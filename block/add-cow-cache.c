@@ -267,49 +267,18 @@ entry_writeback(AddCowCache *c, AddCowCacheEntry *e)
     return 0;
 }
 
-/* Return the entry for @index, loading it (and evicting another) if needed */
+/* Read entry @index from disk into the free slot @e */
 static int coroutine_fn GRAPH_RDLOCK
-cache_get(AddCowCache *c, int64_t index, AddCowCacheEntry **out)
+entry_load(AddCowCache *c, AddCowCacheEntry *e, int64_t index)
 {
-    AddCowCacheEntry *e, *victim = NULL;
-    uint32_t disk_bytes;
-    uint64_t valid;
-    void *buf;
-    int i, ret;
+    uint32_t disk_bytes = entry_disk_bytes(c, index);
+    uint64_t valid = entry_valid_bits(c, index);
+    void *buf = cache_buf(c);
+    int ret;
 
-    /* Requests are mostly sequential: try the last entry used first */
-    e = c->last;
-    if (e && e->index == index) {
-        e->lru = ++c->lru_counter;
-        *out = e;
-        return 0;
+    if (!e->bits) {
+        e->bits = bitmap_new(entry_bits(c));
     }
-
-    for (i = 0; i < c->nb_entries; i++) {
-        e = &c->entries[i];
-        if (e->index == index) {
-            c->last = e;
-            e->lru = ++c->lru_counter;
-            *out = e;
-            return 0;
-        }
-        if (!victim || e->index < 0 ||
-            (victim->index >= 0 && e->lru < victim->lru)) {
-            victim = e;
-        }
-    }
-
-    ret = entry_writeback(c, victim);
-    if (ret < 0) {
-        return ret;
-    }
-    victim->index = -1;
-    if (!victim->bits) {
-        victim->bits = bitmap_new(entry_bits(c));
-    }
-
-    disk_bytes = entry_disk_bytes(c, index);
-    buf = cache_buf(c);
     memset(buf, 0, c->entry_bytes);
     if (disk_bytes) {
         trace_add_cow_cache_load(c, index);
@@ -321,16 +290,58 @@ cache_get(AddCowCache *c, int64_t index, AddCowCacheEntry **out)
             return ret;
         }
     }
-    bitmap_from_le(victim->bits, buf, entry_bits(c));
+    bitmap_from_le(e->bits, buf, entry_bits(c));
 
     /* Bits past the virtual disk are ignored on read (spec: padding) */
-    valid = entry_valid_bits(c, index);
     if (valid < entry_bits(c)) {
-        bitmap_clear(victim->bits, valid, entry_bits(c) - valid);
+        bitmap_clear(e->bits, valid, entry_bits(c) - valid);
+    }
+    e->index = index;
+    e->dirty = false;
+    return 0;
+}
+
+/* Return the entry for @index, loading it (and evicting another) if needed */
+static int coroutine_fn GRAPH_RDLOCK
+cache_get(AddCowCache *c, int64_t index, AddCowCacheEntry **out)
+{
+    AddCowCacheEntry *e, *victim = NULL;
+    int i, ret;
+
+    /* Requests are mostly sequential: try the last entry used first */
+    e = c->last;
+    for (i = 0; !(e && e->index == index) && i < c->nb_entries; i++) {
+        e = &c->entries[i];
+        if (e->index != index &&
+            (!victim || e->index < 0 ||
+             (victim->index >= 0 && e->lru < victim->lru))) {
+            victim = e;
+        }
+    }
+    if (e && e->index == index) {
+        c->last = e;
+        e->lru = ++c->lru_counter;
+        *out = e;
+        return 0;
     }
 
-    victim->index = index;
-    victim->dirty = false;
+    /*
+     * An eviction that must wait for an image flush writes every dirty
+     * entry that flush covers: the next evictions then cost no flush.
+     */
+    if (victim->dirty && victim->gen > c->flushed_gen) {
+        ret = add_cow_cache_write(c);
+    } else {
+        ret = entry_writeback(c, victim);
+    }
+    if (ret < 0) {
+        return ret;
+    }
+    victim->index = -1;
+    ret = entry_load(c, victim, index);
+    if (ret < 0) {
+        return ret;
+    }
     victim->lru = ++c->lru_counter;
     c->last = victim;
     *out = victim;

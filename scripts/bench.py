@@ -7,8 +7,14 @@
 # options.
 #
 # Usage: scripts/bench.py [--runs N] [--size MiB] [--touch MiB]
-#                         [--tib-writes N] [--formats a,b] [--caches a,b]
+#                         [--tib-writes N] [--convert MiB] [--no-convert]
+#                         [--formats a,b|all] [--caches a,b] [--dir DIR]
 #                         [--out docs/add-cow-bench.md] [--png ...]
+#
+# The defaults (5 runs, 6 GiB disk, 1 GiB sequential, 24576 writes on the
+# 1 TiB disk) take about 1 h 40 min on a 2-CPU VM, so that every cell lasts
+# about a second or more; a smoke run: --runs 1 --size 256 --touch 32
+# --tib-writes 1024 --convert 64.  The estimate is printed at the start.
 #
 # Workloads use `qemu-img bench` (sequential / strided, queue depth 32) and
 # `qemu-io` with a list of aio requests (random pattern).  Runs are
@@ -33,6 +39,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,13 +68,18 @@ FORMATS = [
 # The format the targets are evaluated for
 DEFAULT = 'add-cow'
 
+# Measured only when --formats names them: QED is an order of magnitude
+# slower than the rest when it allocates, and would add half an hour
+OPTIONAL = ['qed']
+
 # cache mode label -> (qemu -t, qemu -i, formats measured; None = all).
-# QED (an order of magnitude slower than the rest when it allocates) is
-# measured with the page cache only, to keep a run near an hour on two cores.
+# The formats no target refers to are measured with the page cache only, to
+# keep a run near an hour and a half on two cores.
 CACHES = {
     'writeback': ('writeback', 'threads', None),
     'none-native': ('none', 'native',
-                    [f[0] for f in FORMATS if f[0] != 'qed']),
+                    ['raw-prealloc', 'raw-sparse', 'qcow2', 'qcow2-l2ext',
+                     'add-cow', 'add-cow-64k', 'add-cow-4k']),
     'none-io_uring': ('none', 'io_uring',
                       ['raw-prealloc', 'raw-sparse', 'qcow2', 'qcow2-l2ext',
                        'add-cow', 'add-cow-64k']),
@@ -77,21 +89,22 @@ CACHES = {
 #   (name, write, request size, step, requests per MiB of --touch,
 #    flush interval, on a freshly created image)
 # The request count is capped so that the requests fit in the virtual disk.
-# The one-per-cluster workloads take more requests than the sequential ones
-# so that every cell lasts about a second on the fastest format.
+# The counts are chosen so that, with the defaults, every cell lasts about a
+# second or more on the fastest format on a 2-CPU VM: the one-per-cluster
+# workloads need up to 6 GiB of virtual disk for that.
 WORKLOADS = [
     ('alloc seq 4k', True, 4096, 4096, 256, 0, True),
     # the same image, now allocated
     ('rewrite seq 4k', True, 4096, 4096, 256, 0, False),
     ('read allocated 4k', False, 4096, 4096, 256, 0, False),
-    ('alloc 64k', True, 65536, 65536, 32, 0, True),
-    ('alloc 4k/cluster', True, 4096, 65536, 64, 0, True),
-    ('alloc 4k flush/32', True, 4096, 65536, 24, 32, True),
-    ('read backing 64k', False, 65536, 65536, 48, 0, True),
+    ('alloc 64k', True, 65536, 65536, 64, 0, True),
+    ('alloc 4k/cluster', True, 4096, 65536, 96, 0, True),
+    ('alloc 4k flush/32', True, 4096, 65536, 64, 32, True),
+    ('read backing 64k', False, 65536, 65536, 80, 0, True),
 ]
 # qemu-io, distinct random 4 KiB offsets over the whole virtual disk:
 # requests per MiB of --touch
-RANDOM_PER_MIB = 12
+RANDOM_PER_MIB = 32
 
 # The 1 TiB disk (no backing file): random 4 KiB allocating writes at
 # --tib-writes distinct offsets, without and with a flush every 32 writes,
@@ -99,6 +112,9 @@ RANDOM_PER_MIB = 12
 TIB_FORMATS = ['raw-sparse', 'qcow2', 'qcow2-l2ext', 'add-cow', 'add-cow-4k',
                'add-cow-64k']
 TIB_FLUSH = 32
+# Each request in flight in qemu-io is a coroutine with its own stack
+# mapping: past about 30000 at once they exceed vm.max_map_count
+MAX_INFLIGHT = 16384
 QUERIES = ['map', 'check', 'info']
 
 # Peak RSS is measured for these (qcow2-like formats take long to allocate
@@ -123,27 +139,35 @@ TARGETS['1 TiB random 4k'] = [('qcow2-l2ext', 1.0)]
 TARGETS['1 TiB random 4k flush/%d' % TIB_FLUSH] = [('qcow2-l2ext', 1.0)]
 
 # For the run-time estimate printed at the start only: microseconds per
-# request on a 2-CPU EPYC VM (ext4 on a virtual disk), averaged over the
+# request on a 2-CPU VM (ext4 on a virtual disk), averaged over the
 # cache modes; '*' for the formats not named.  STEP_S: creating the image,
 # the sync before the step and starting the process.
 EST_US = {
-    'alloc seq 4k': {'*': 16, 'qed': 120},
-    'rewrite seq 4k': {'*': 10},
-    'read allocated 4k': {'*': 9},
-    'alloc 64k': {'*': 70, 'raw-prealloc': 35, 'raw-sparse': 40, 'qed': 650},
-    'alloc 4k/cluster': {'*': 110, 'raw-prealloc': 20, 'raw-sparse': 20,
-                         'qcow2-l2ext': 25, 'add-cow-4k': 25, 'qed': 850},
-    'alloc 4k flush/32': {'*': 250, 'raw-prealloc': 50, 'raw-sparse': 50,
-                          'qcow2-l2ext': 90, 'add-cow-4k': 60, 'qed': 900},
-    'read backing 64k': {'*': 30},
-    'alloc random 4k': {'*': 300, 'raw-prealloc': 120, 'raw-sparse': 120,
-                        'qcow2-l2ext': 150, 'add-cow-4k': 130, 'qed': 1100},
-    '1 TiB random 4k': {'*': 300, 'raw-sparse': 120},
-    '1 TiB random 4k flush/%d' % TIB_FLUSH: {'*': 400, 'raw-sparse': 200},
+    'alloc seq 4k': {'*': 20, 'raw-prealloc': 8, 'raw-sparse': 15,
+                     'qcow2-l2ext': 30, 'qed': 120},
+    'rewrite seq 4k': {'*': 8},
+    'read allocated 4k': {'*': 8},
+    'alloc 64k': {'*': 130, 'raw-prealloc': 25, 'raw-sparse': 110,
+                  'add-cow': 70, 'add-cow-64k': 70, 'add-cow-4k': 70,
+                  'qed': 650},
+    'alloc 4k/cluster': {'*': 110, 'raw-prealloc': 10, 'raw-sparse': 11,
+                         'qcow2': 240, 'qcow2-datafile': 200,
+                         'qcow2-l2ext': 75, 'add-cow-4k': 30, 'qed': 850},
+    'alloc 4k flush/32': {'*': 160, 'raw-prealloc': 17, 'raw-sparse': 29,
+                          'qcow2-l2ext': 70, 'add-cow-4k': 50, 'qed': 900},
+    'read backing 64k': {'*': 33},
+    'alloc random 4k': {'*': 160, 'raw-prealloc': 32, 'raw-sparse': 33,
+                        'qcow2-l2ext': 90, 'add-cow-4k': 90, 'qed': 1100},
+    '1 TiB random 4k': {'*': 160, 'raw-sparse': 45, 'qcow2': 750,
+                        'qcow2-l2ext': 1000, 'add-cow-4k': 300},
+    '1 TiB random 4k flush/%d' % TIB_FLUSH: {
+        '*': 160, 'raw-sparse': 50, 'qcow2': 700, 'qcow2-l2ext': 950,
+        'add-cow-4k': 250},
 }
 EST_STEP_S = 0.3
 EST_QUERY_S = 1.0
-EST_WRITE_MIBS = 400      # writing the base, raw-prealloc, convert output
+EST_WRITE_MIBS = 400      # writing the base and raw-prealloc
+EST_CONVERT_MIBS = 800
 
 
 class Failed(Exception):
@@ -161,24 +185,46 @@ def _big_stack():
         resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
 
 
+# The peak RSS of a process that Python forks starts at Python's own (Linux
+# keeps the high-water mark across exec), so a small process forks the
+# measured one and reports its ru_maxrss: GNU time if there is one (about
+# 1 MiB of its own), else Python without site (about 10 MiB)
+TIME = '/usr/bin/time'
+RSS_CHILD = ('import resource,subprocess,sys;'
+             'r=subprocess.run(sys.argv[2:]).returncode;'
+             'open(sys.argv[1],"w").write("%d\\n"%resource.getrusage('
+             'resource.RUSAGE_CHILDREN).ru_maxrss);sys.exit(r)')
+
+
 def run(args, usage=False):
     """Run args and return its output, with usage=True a tuple (output,
     wall-clock seconds, peak RSS in KiB)"""
     big = sum(len(x) + 9 for x in args) > 256 * 1024
-    t0 = time.monotonic()
-    p = subprocess.Popen(args, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, universal_newlines=True,
-                         preexec_fn=_big_stack if big else None)
-    out = p.stdout.read()
-    p.stdout.close()
-    _, status, ru = os.wait4(p.pid, 0)
-    t = time.monotonic() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode:
-        cmd = ' '.join(args) if not big else ' '.join(args[:12]) + ' ...'
-        raise Failed('command failed (status %d): %s\n%s' %
-                     (p.returncode, cmd, out))
-    return (out, t, ru.ru_maxrss) if usage else out
+    cmd = ' '.join(args) if not big else ' '.join(args[:12]) + ' ...'
+    if usage:
+        fd, rssfile = tempfile.mkstemp(prefix='bench-rss.')
+        os.close(fd)
+        if os.access(TIME, os.X_OK):
+            args = [TIME, '-f', '%M', '-o', rssfile] + args
+        else:
+            args = [sys.executable, '-S', '-c', RSS_CHILD, rssfile] + args
+    try:
+        t0 = time.monotonic()
+        r = subprocess.run(args, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, universal_newlines=True,
+                           preexec_fn=_big_stack if big else None)
+        t = time.monotonic() - t0
+        if r.returncode:
+            raise Failed('command failed (status %d): %s\n%s' %
+                         (r.returncode, cmd, r.stdout))
+        if not usage:
+            return r.stdout
+        with open(rssfile) as f:
+            # GNU time puts a line about a failed command first
+            return r.stdout, t, int(f.read().split()[-1])
+    finally:
+        if usage:
+            os.unlink(rssfile)
 
 
 def loadavg():
@@ -229,9 +275,10 @@ def rotated(items, r, runs):
 
 
 class Bench:
-    def __init__(self, workdir, size, touch, runs, tib_writes):
+    def __init__(self, workdir, size, touch, runs, tib_writes, convert):
         self.dir = workdir
         self.size = size
+        self.convert = convert
         self.touch = touch
         self.runs = runs
         self.tib_writes = tib_writes
@@ -241,7 +288,7 @@ class Bench:
         self.keep = os.path.join(workdir, 'keep.raw-prealloc')
         self.results = {}       # (workload, fmt) -> [seconds]
         self.queries = {}       # (query, fmt) -> [seconds]
-        self.tib_rss = {}       # fmt -> [KiB], qemu-io on the 1 TiB disk
+        self.tib_rss = {}       # fmt -> [KiB], qemu-io 1 TiB flush/32
         self.lost = []          # failed steps
         self.default_cluster = '?'
 
@@ -306,8 +353,8 @@ class Bench:
 
     def random_args(self, fmt, cache, aio, img, span, count, seed, flush=0):
         """qemu-io writing 4 KiB at count distinct random offsets below
-        span, all submitted at once (with flush: a drain and a flush every
-        flush requests), then waiting for them"""
+        span, all submitted at once (up to MAX_INFLIGHT; with flush: a
+        drain and a flush every flush requests), then waiting for them"""
         rnd = random.Random(seed)
         args = [QEMU_IO, '-f', fmt, '-t', cache, '-i', aio]
         for i, off in enumerate(rnd.sample(range(span // 4096), count)):
@@ -315,6 +362,8 @@ class Bench:
             if flush and (i + 1) % flush == 0:
                 # qemu-io's aio_flush only waits for the requests in flight
                 args += ['-c', 'aio_flush', '-c', 'flush']
+            elif (i + 1) % MAX_INFLIGHT == 0:
+                args += ['-c', 'aio_flush']
         args += ['-c', 'aio_flush', img]
         return args
 
@@ -333,22 +382,44 @@ class Bench:
             self.path('img.' + name)
         sfx = ' (%s)' % label
         ok = True
-        for w, write, bs, step, per, flush, fresh in WORKLOADS:
+        for i, (w, write, bs, step, per, flush, fresh) in \
+                enumerate(WORKLOADS):
             if w == 'read backing 64k' and name == 'raw-sparse':
                 # no backing file: it would read holes
                 continue
             if not fresh and not ok:
                 continue
+            n = self.count(per, step)
             try:
                 if fresh:
                     self.create(fmt, opts, backing, img)
-                args = self.bench_args(fmt, cache, aio, write, bs, step,
-                                       self.count(per, step), flush)
+                args = self.bench_args(fmt, cache, aio, write, bs, step, n,
+                                       flush)
                 self.record(w + sfx, name, self.timed(args + [img])[0])
-                ok = True
+                ok = ok or fresh
             except Failed as e:
-                ok = False
                 self.lose('%s, %s%s' % (name, w, sfx), e)
+                if not fresh:
+                    continue
+                ok = False
+                if not write or cache == 'writeback' or \
+                        i + 1 == len(WORKLOADS) or WORKLOADS[i + 1][6]:
+                    continue
+                # The steps after it need the image written: write it
+                # through the page cache, untimed (e.g. qcow2 with
+                # extended_l2=on and aio=native: 10.2.2's linux-aio recurses
+                # between completion and submission until the stack
+                # overflows)
+                try:
+                    self.create(fmt, opts, backing, img)
+                    run(self.bench_args(fmt, 'writeback', 'threads', write,
+                                        bs, step, n, flush) + [img])
+                    self.lost[-1] += (' (the image was then written with '
+                                      'cache=writeback for the next steps)')
+                    ok = True
+                except Failed as e2:
+                    self.lose('%s, %s%s, with cache=writeback' %
+                              (name, w, sfx), e2)
         try:
             self.create(fmt, opts, backing, img)
             n = self.count(RANDOM_PER_MIB, 4096)
@@ -375,7 +446,9 @@ class Bench:
                 secs, rss = self.timed(self.random_args(
                     fmt, cache, aio, img, TiB, self.tib_writes, seed, flush))
                 self.record(w, name, secs)
-                self.tib_rss.setdefault(name, []).append(rss)
+                if flush:
+                    # without flushes, the requests' coroutines dominate
+                    self.tib_rss.setdefault(name, []).append(rss)
                 written = True
             except Failed as e:
                 written = False
@@ -402,18 +475,22 @@ class Bench:
                 os.close(fd)
 
     def run_convert(self, name, fmt, opts):
+        """qemu-img convert of the first self.convert bytes of the base"""
         out = self.path('img.' + name)
         self.clean()
         o = [x.replace('{img}', out) for x in opts]
         # The O_DIRECT workloads leave the base out of the page cache: read
         # it once, or the first format converted pays for a cold read
         with open(self.base, 'rb') as f:
-            while f.read(8 * MiB):
-                pass
+            left = self.convert
+            while left > 0 and f.read(min(left, 8 * MiB)):
+                left -= 8 * MiB
+        src = 'driver=raw,size=%d,file.driver=file,file.filename=%s' % (
+            self.convert, self.base)
         try:
-            self.record('convert %d MiB' % (self.size // MiB), name,
-                        self.timed([QEMU_IMG, 'convert', '-f', 'raw',
-                                    '-O', fmt] + o + [self.base, out])[0])
+            self.record('convert %d MiB' % (self.convert // MiB), name,
+                        self.timed([QEMU_IMG, 'convert', '--image-opts',
+                                    src, '-O', fmt] + o + [out])[0])
         except Failed as e:
             self.lose('%s, convert' % name, e)
         self.clean()
@@ -461,7 +538,7 @@ class Bench:
                     per_run += self.tib_writes * us(w, name) + EST_STEP_S
                 if i == 0:
                     per_run += len(QUERIES) * EST_QUERY_S
-        per_run += len(conv) * (self.size / MiB / EST_WRITE_MIBS +
+        per_run += len(conv) * (self.convert / MiB / EST_CONVERT_MIBS +
                                 EST_STEP_S)
         return t + self.runs * per_run
 
@@ -522,13 +599,19 @@ def report(a, b, formats, plan, rss, done, started, load0, fstype, est):
     now = datetime.datetime.now(datetime.timezone.utc)
     names = [n for n, _, _, _ in formats]
 
-    workloads = []
+    # cache mode by cache mode, in the order the workloads run
+    names_w = [w[0] for w in WORKLOADS] + ['alloc random 4k'] + \
+        ['1 TiB random 4k' + x for x in ('', ' flush/%d' % TIB_FLUSH)]
+    order = ['%s (%s)' % (w, label) for label, _ in plan for w in names_w]
+    present = []
     for (w, _) in b.results:
-        if w not in workloads:
-            workloads.append(w)
+        if w not in present:
+            present.append(w)
+    workloads = [w for w in order if w in present] + \
+        [w for w in present if w not in order]
     cells = [(statistics.median(v), w, n) for (w, n), v in b.results.items()]
 
-    n4k = b.count(256, 4096)
+    n = {w[0]: b.count(w[4], w[3]) for w in WORKLOADS}
     lines = [
         '# add-cow benchmark', '',
         '<!-- Written by scripts/bench.py (make bench); do not edit. '
@@ -576,20 +659,23 @@ def report(a, b, formats, plan, rss, done, started, load0, fstype, est):
         'raw-prealloc is one fully written file used for every step. '
         'Timings are qemu-img bench\'s own (open and close excluded); the '
         'random workload times a whole qemu-io process (%d aio_write '
-        'requests at distinct random 4 KiB offsets over the whole disk, all '
-        'submitted at once, then aio_flush and close), so its ratios include '
-        'open and close.'
-        % (done, b.size // MiB, n4k, b.count(32, 65536),
-           b.count(64, 65536), b.count(24, 65536), b.count(48, 65536),
-           b.count(RANDOM_PER_MIB, 4096)), '']
+        'requests at distinct random 4 KiB offsets over the whole disk, '
+        'submitted at once, at most %d in flight, then aio_flush and close), '
+        'so its ratios include open and close.'
+        % (done, b.size // MiB, n['alloc seq 4k'], n['alloc 64k'],
+           n['alloc 4k/cluster'], n['alloc 4k flush/32'],
+           n['read backing 64k'], b.count(RANDOM_PER_MIB, 4096),
+           MAX_INFLIGHT), '']
     if b.tib_writes:
         lines += [
             '1 TiB: a 1 TiB disk without backing file, %d aio_write of '
             '4 KiB at distinct random offsets over the whole disk (the same '
             'offsets for every format in a run), timed as a whole qemu-io '
-            'process, once with all requests submitted at once and once '
-            'with `aio_flush` (wait for the requests in flight) and `flush` '
-            'every %d writes.' % (b.tib_writes, TIB_FLUSH), '']
+            'process, once with all requests submitted at once (at most '
+            '%d in flight: an `aio_flush` between batches) and once with '
+            '`aio_flush` (qemu-io\'s waits for the requests in flight) and '
+            '`flush` every %d writes. The reference for "vs raw" is '
+            'raw-sparse.' % (b.tib_writes, MAX_INFLIGHT, TIB_FLUSH), '']
 
     ratios = {}
     summary = []
@@ -626,18 +712,21 @@ def report(a, b, formats, plan, rss, done, started, load0, fstype, est):
                                '%s |' % (w, ref, med, lo, hi, want,
                                          verdict(lo, hi, want)))
 
-    lines += ['For convert, the first ratio is to raw (sparse): the same '
-              'conversion into a raw file.', '']
+    lines += ['For convert (`qemu-img convert` of the first %d MiB of the '
+              'backing file), the first ratio is to raw (sparse): the same '
+              'conversion into a raw file.' % (b.convert // MiB), '']
     if b.queries:
         lines += ['## qemu-img on the 1 TiB disks', '',
                   'Seconds for one `qemu-img map`, `check` and `info` '
                   '(median of the runs, min-max) on the image written by the '
                   'flush/%d workload, after `sync` and `posix_fadvise('
                   'DONTNEED)` on its files so that it reads from the disk, '
-                  'not the page cache; then the peak RSS of the qemu-io '
-                  'processes that wrote the images (every cache mode; their '
-                  'command line alone is about %d KiB).' %
-                  (TIB_FLUSH, b.tib_writes * 48 // 1024), '',
+                  'not the page cache; then the largest peak RSS of the '
+                  'qemu-io processes of the flush/%d workload (every cache '
+                  'mode; at most %d requests in flight; the command line '
+                  'alone is about %d KiB).' %
+                  (TIB_FLUSH, TIB_FLUSH, TIB_FLUSH,
+                   b.tib_writes * 48 // 1024), '',
                   '| format | %s | qemu-io peak RSS (KiB) |' %
                   ' | '.join('qemu-img ' + q for q in QUERIES),
                   '|---|%s---|' % ('---|' * len(QUERIES))]
@@ -693,20 +782,24 @@ def report(a, b, formats, plan, rss, done, started, load0, fstype, est):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument('--runs', type=int, default=5)
-    p.add_argument('--size', type=int, default=4096,
-                   help='virtual disk size and convert size, MiB')
+    p.add_argument('--size', type=int, default=6144,
+                   help='virtual disk size, MiB')
     p.add_argument('--touch', type=int, default=1024,
                    help='MiB the sequential 4 KiB workloads cover; the '
                    'others scale with it (capped at --size)')
-    p.add_argument('--tib-writes', type=int, default=16384,
+    p.add_argument('--tib-writes', type=int, default=24576,
                    help='random 4 KiB writes on the 1 TiB disk (0: skip)')
     p.add_argument('--dir', default=os.path.join(TOP, '.build', 'bench'))
     p.add_argument('--out', default=os.path.join(TOP, 'docs',
                                                  'add-cow-bench.md'))
     p.add_argument('--png', default=os.path.join(TOP, 'docs',
                                                  'add-cow-bench.png'))
-    p.add_argument('--formats', default='')
+    p.add_argument('--formats', default='',
+                   help='comma-separated, or "all" (default: all but %s)'
+                   % ', '.join(OPTIONAL))
     p.add_argument('--caches', default=','.join(CACHES))
+    p.add_argument('--convert', type=int, default=2048,
+                   help='MiB of the backing file converted into each format')
     p.add_argument('--no-convert', action='store_true')
     a = p.parse_args()
 
@@ -714,10 +807,16 @@ def main():
     for label in caches:
         if label not in CACHES:
             sys.exit('unknown cache mode %s (%s)' % (label, ', '.join(CACHES)))
-    formats = [f for f in FORMATS
-               if not a.formats or f[0] in a.formats.split(',')]
-    if not formats:
-        sys.exit('no format (%s)' % ', '.join(f[0] for f in FORMATS))
+    if a.formats == 'all':
+        formats = FORMATS
+    elif a.formats:
+        formats = [f for f in FORMATS if f[0] in a.formats.split(',')]
+        unknown = set(a.formats.split(',')) - set(f[0] for f in FORMATS)
+        if unknown:
+            sys.exit('unknown format %s (%s)' % (
+                ', '.join(sorted(unknown)), ', '.join(f[0] for f in FORMATS)))
+    else:
+        formats = [f for f in FORMATS if f[0] not in OPTIONAL]
 
     if os.path.exists(a.dir):
         shutil.rmtree(a.dir)
@@ -730,7 +829,7 @@ def main():
                  'use --dir' % fstype)
     st = os.statvfs(a.dir)
     # base, raw-prealloc, an image, a conversion; the 1 TiB images
-    need = 4 * a.size * MiB + 2 * a.tib_writes * 65536 + GiB
+    need = (3 * a.size + a.convert) * MiB + 2 * a.tib_writes * 65536 + GiB
     if st.f_bavail * st.f_bsize < need:
         sys.exit('not enough space in %s (%d MiB needed)' % (
             a.dir, need // MiB))
@@ -744,7 +843,7 @@ def main():
     QEMU_IO = os.path.join(a.dir, 'bin', 'qemu-io')
 
     b = Bench(a.dir, a.size * MiB, min(a.touch, a.size) * MiB, a.runs,
-              a.tib_writes)
+              a.tib_writes, min(a.convert, a.size) * MiB)
     plan = []
     for label in caches:
         only = CACHES[label][2]
