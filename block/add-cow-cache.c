@@ -450,43 +450,102 @@ add_cow_cache_set(AddCowCache *c, uint64_t cluster, uint64_t count,
     return 0;
 }
 
+/* Set bits of existing clusters in the @len bitmap bytes @buf from @pos */
+static uint64_t count_bytes(AddCowCache *c, const uint8_t *buf, uint64_t pos,
+                            uint64_t len)
+{
+    uint64_t nb = c->nb_clusters;
+    uint64_t full = nb / 8 > pos ? MIN(len, nb / 8 - pos) : 0;
+    uint64_t i = 0, count = 0;
+
+    for (; i + 8 <= full; i += 8) {
+        count += ctpop64(ldq_le_p(buf + i));
+    }
+    for (; i < full; i++) {
+        count += ctpop8(buf[i]);
+    }
+    if (i < len && nb % 8 && pos + i == nb / 8) {
+        count += ctpop8(buf[i] & ((1U << (nb % 8)) - 1));
+    }
+    return count;
+}
+
+/*
+ * Add the set bits of bitmap bytes [@pos, @end) on disk to *@count.
+ * Holes in the .add-cow file (a new or mostly empty bitmap) are not read.
+ */
+static int coroutine_fn GRAPH_RDLOCK
+count_on_disk(AddCowCache *c, uint64_t pos, uint64_t end, uint64_t *count)
+{
+    const uint64_t chunk = 1024 * 1024;
+    uint8_t *buf = NULL;
+    int64_t pnum;
+    int ret = 0;
+
+    for (; pos < end; pos += pnum) {
+        ret = bdrv_co_block_status(c->bs->file->bs, c->bitmap_offset + pos,
+                                   MIN(end - pos, chunk), &pnum, NULL, NULL);
+        if (ret < 0 || !pnum) {
+            /* pnum 0: past the end of the file, which reads zeros */
+            break;
+        }
+        if (ret & BDRV_BLOCK_ZERO) {
+            continue;
+        }
+        buf = buf ?: qemu_blockalign(c->bs->file->bs, chunk);
+        ret = bdrv_co_pread(c->bs->file, c->bitmap_offset + pos, pnum, buf,
+                            0);
+        if (ret < 0) {
+            break;
+        }
+        *count += count_bytes(c, buf, pos, pnum);
+    }
+    qemu_vfree(buf);
+    return ret < 0 ? ret : 0;
+}
+
+static int cmp_index(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+
+    return x < y ? -1 : x > y;
+}
+
 /*
  * Count the meaningful bits that are set: cached entries are
- * authoritative, the rest is read from disk (through the bounce buffer, so
- * nothing is loaded or evicted).  Done at open and after a shrink; every
+ * authoritative, the rest is read from disk in large requests, without
+ * loading or evicting anything.  Done at open and after a shrink; every
  * add_cow_cache_set() keeps the count up to date in between.
  */
 int coroutine_fn GRAPH_RDLOCK add_cow_cache_recount(AddCowCache *c)
 {
-    g_autofree unsigned long *bits = bitmap_new(entry_bits(c));
-    uint64_t count = 0;
-    int64_t index;
-    int i, ret;
+    g_autofree int64_t *cached = g_new(int64_t, c->nb_entries + 1);
+    uint64_t total = add_cow_bitmap_size(c->nb_clusters);
+    uint64_t count = 0, pos = 0;
+    int i, n = 0, ret;
 
-    for (index = 0; index * entry_bits(c) < c->nb_clusters; index++) {
-        uint32_t disk_bytes = entry_disk_bytes(c, index);
-        uint64_t valid = entry_valid_bits(c, index);
-        const unsigned long *src = NULL;
-        uint8_t *buf = cache_buf(c);
+    for (i = 0; i < c->nb_entries; i++) {
+        AddCowCacheEntry *e = &c->entries[i];
 
-        for (i = 0; i < c->nb_entries; i++) {
-            if (c->entries[i].index == index) {
-                src = c->entries[i].bits;
-                break;
-            }
+        if (e->index >= 0) {
+            count += bitmap_count_one(e->bits, entry_valid_bits(c, e->index));
+            cached[n++] = e->index;
         }
-        if (!src) {
-            memset(buf, 0, c->entry_bytes);
-            ret = bdrv_co_pread(c->bs->file,
-                                c->bitmap_offset + index * c->entry_bytes,
-                                disk_bytes, buf, 0);
+    }
+    qsort(cached, n, sizeof(*cached), cmp_index);
+    cached[n] = DIV_ROUND_UP(total, c->entry_bytes);
+
+    /* The byte ranges between cached entries */
+    for (i = 0; i <= n; i++) {
+        uint64_t end = MIN(cached[i] * (uint64_t)c->entry_bytes, total);
+
+        if (pos < end) {
+            ret = count_on_disk(c, pos, end, &count);
             if (ret < 0) {
                 return ret;
             }
-            bitmap_from_le(bits, (unsigned long *)buf, entry_bits(c));
-            src = bits;
         }
-        count += bitmap_count_one(src, valid);
+        pos = MAX(pos, end + c->entry_bytes);
     }
     c->nb_allocated = count;
     stat64_set(&c->allocated_pub, count);
