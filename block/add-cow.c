@@ -224,7 +224,7 @@ add_cow_do_open(BlockDriverState *bs, QDict *options, int flags,
     s->cache = add_cow_cache_create(bs, s->image,
                                     s->header.bitmap_offset, s->nb_clusters,
                                     entry_bytes, s->cache_size);
-    QLIST_INIT(&s->inflight);
+    s->inflight = (IntervalTreeRoot) {};
     ret = add_cow_cache_recount(s->cache);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Could not read the add-cow bitmap");
@@ -405,6 +405,58 @@ static void add_cow_refresh_limits(BlockDriverState *bs, Error **errp)
 
     bs->bl.pwrite_zeroes_alignment = s->cluster_size;
     bs->bl.pdiscard_alignment = s->cluster_size;
+}
+
+/*
+ * Requests in flight that serialize against each other (allocating writes,
+ * discards and resize), by byte range.  An interval tree rather than a
+ * reqlist: a guest queue may keep thousands of allocations in flight, and
+ * a list walk per request made that quadratic.  Called with s->lock held.
+ */
+typedef struct AddCowReq {
+    IntervalTreeNode node;      /* [start, last] in bytes */
+    CoQueue wait_queue;         /* requests waiting for this one */
+} AddCowReq;
+
+static void add_cow_req_add(BDRVAddCowState *s, AddCowReq *req,
+                            int64_t offset, int64_t bytes)
+{
+    req->node.start = offset;
+    req->node.last = offset + bytes - 1;
+    qemu_co_queue_init(&req->wait_queue);
+    interval_tree_insert(&req->node, &s->inflight);
+}
+
+static void add_cow_req_remove(BDRVAddCowState *s, AddCowReq *req)
+{
+    interval_tree_remove(&req->node, &s->inflight);
+    qemu_co_queue_restart_all(&req->wait_queue);
+}
+
+/* Wait for one request overlapping [@offset, @offset + @bytes), if any */
+static bool coroutine_fn add_cow_wait_one(BDRVAddCowState *s, int64_t offset,
+                                          int64_t bytes)
+{
+    IntervalTreeNode *node;
+
+    if (bytes <= 0) {
+        return false;
+    }
+    node = interval_tree_iter_first(&s->inflight, offset, offset + bytes - 1);
+    if (!node) {
+        return false;
+    }
+    qemu_co_queue_wait(&container_of(node, AddCowReq, node)->wait_queue,
+                       &s->lock);
+    return true;
+}
+
+static void coroutine_fn add_cow_wait_all(BDRVAddCowState *s, int64_t offset,
+                                          int64_t bytes)
+{
+    while (add_cow_wait_one(s, offset, bytes)) {
+        /* The tree may have changed while waiting: look again */
+    }
 }
 
 /* Read @bytes at @offset from the backing file, or zeros without one */
@@ -669,7 +721,7 @@ add_cow_do_write(BlockDriverState *bs, int64_t offset, int64_t bytes,
     int64_t end = MIN(ROUND_UP(offset + bytes, s->cluster_size),
                       (int64_t)s->header.virtual_size);
     bool allocated = false;
-    BlockReq req;
+    AddCowReq req;
     int64_t n = 0;
     int ret;
 
@@ -681,7 +733,7 @@ add_cow_do_write(BlockDriverState *bs, int64_t offset, int64_t bytes,
             break;
         }
         /* Serialize against other allocations of the same clusters */
-        if (!reqlist_wait_one(&s->inflight, start, end - start, &s->lock)) {
+        if (!add_cow_wait_one(s, start, end - start)) {
             break;
         }
     }
@@ -696,7 +748,7 @@ add_cow_do_write(BlockDriverState *bs, int64_t offset, int64_t bytes,
                                  flags);
     }
 
-    reqlist_init_req(&s->inflight, &req, start, end - start);
+    add_cow_req_add(s, &req, start, end - start);
     while (bytes > 0) {
         n = add_cow_find_run(s, offset, bytes, &allocated);
         if (n < 0) {
@@ -714,7 +766,7 @@ add_cow_do_write(BlockDriverState *bs, int64_t offset, int64_t bytes,
         bytes -= n;
         qiov_offset += n;
     }
-    reqlist_remove_req(&req);
+    add_cow_req_remove(s, &req);
     qemu_co_mutex_unlock(&s->lock);
     return ret;
 }
@@ -774,7 +826,7 @@ add_cow_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
     BDRVAddCowState *s = bs->opaque;
     int64_t end = offset + bytes;
     uint64_t first, count;
-    BlockReq req;
+    AddCowReq req;
     int ret;
 
     if (!QEMU_IS_ALIGNED(offset, s->cluster_size) ||
@@ -790,8 +842,8 @@ add_cow_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
     first = offset >> s->header.cluster_bits;
     count = DIV_ROUND_UP(bytes, s->cluster_size);
     qemu_co_mutex_lock(&s->lock);
-    reqlist_wait_all(&s->inflight, offset, bytes, &s->lock);
-    reqlist_init_req(&s->inflight, &req, offset, bytes);
+    add_cow_wait_all(s, offset, bytes);
+    add_cow_req_add(s, &req, offset, bytes);
     ret = add_cow_clear_unknown_autoclear(bs);
     if (ret == 0) {
         ret = add_cow_cache_set(s->cache, first, count, false);
@@ -807,7 +859,7 @@ add_cow_co_pdiscard(BlockDriverState *bs, int64_t offset, int64_t bytes)
         ret = bdrv_co_pdiscard(s->image, offset, bytes);
     }
     qemu_co_mutex_lock(&s->lock);
-    reqlist_remove_req(&req);
+    add_cow_req_remove(s, &req);
     qemu_co_mutex_unlock(&s->lock);
     return ret;
 }
@@ -1005,7 +1057,7 @@ add_cow_fill_unallocated(BlockDriverState *bs)
         return 0;
     }
     /* Allocating writes in flight would race with the zeros */
-    reqlist_wait_all(&s->inflight, 0, s->header.virtual_size, &s->lock);
+    add_cow_wait_all(s, 0, s->header.virtual_size);
 
     /*
      * Pass 0 writes the zeros of every unallocated run, pass 1 sets the
@@ -1371,9 +1423,9 @@ add_cow_co_truncate(BlockDriverState *bs, int64_t offset, bool exact,
     qemu_co_mutex_lock(&s->lock);
     /* Allocating writes near either end must not race with the resize */
     wait_start = QEMU_ALIGN_DOWN(MIN(offset, old_size), s->cluster_size);
-    reqlist_wait_all(&s->inflight, wait_start,
+    add_cow_wait_all(s, wait_start,
                      ROUND_UP(MAX(offset, old_size), s->cluster_size) -
-                     wait_start, &s->lock);
+                     wait_start);
 
     image_len = bdrv_co_getlength(s->image->bs);
     ret = add_cow_clear_unknown_autoclear(bs);

@@ -51,8 +51,8 @@
 #define BLOCK_ADD_COW_H
 
 #include "block/block_int.h"
-#include "block/reqlist.h"
 #include "qemu/coroutine.h"
+#include "qemu/interval-tree.h"
 #include "add-cow-cache.h"
 
 #define ADD_COW_MAGIC           (('A') | ('C' << 8) | ('O' << 16) | \
@@ -129,7 +129,7 @@ typedef struct BDRVAddCowState {
     bool header_unsure;             /* the disk may hold unsure_header */
     char *image_name;               /* as stored in the header */
     AddCowCache *cache;
-    BlockReqList inflight;          /* allocating writes, cluster-aligned */
+    IntervalTreeRoot inflight;      /* AddCowReq: allocations, discards */
 
     /* Constant after open */
     uint32_t cluster_size;
