@@ -40,7 +40,7 @@ typedef struct AddCowCacheEntry {
     uint32_t dirty_start;       /* dirty byte range, sector-aligned */
     uint32_t dirty_end;
     uint64_t gen;               /* set_gen of the last bit set while dirty */
-    uint64_t lru;
+    QTAILQ_ENTRY(AddCowCacheEntry) lru;
 } AddCowCacheEntry;
 
 struct AddCowCache {
@@ -59,9 +59,11 @@ struct AddCowCache {
     uint32_t entry_bytes;
     int nb_entries;
     AddCowCacheEntry *entries;
+    GHashTable *map;            /* &entry->index -> loaded entry */
+    /* Every slot, most recently used first; free slots at the end */
+    QTAILQ_HEAD(, AddCowCacheEntry) lru;
     AddCowCacheEntry *last;     /* most recently used entry, or NULL */
     void *buf;                  /* I/O bounce buffer, entry_bytes */
-    uint64_t lru_counter;
     /*
      * Every add_cow_cache_set() that sets bits takes a new generation; an
      * image file flush that starts when set_gen is G covers the data of
@@ -125,8 +127,11 @@ AddCowCache *add_cow_cache_create(BlockDriverState *bs, BdrvChild *image,
     c->entry_bytes = entry_bytes;
     c->nb_entries = n;
     c->entries = g_new0(AddCowCacheEntry, n);
+    c->map = g_hash_table_new(g_int64_hash, g_int64_equal);
+    QTAILQ_INIT(&c->lru);
     for (i = 0; i < n; i++) {
         c->entries[i].index = -1;
+        QTAILQ_INSERT_TAIL(&c->lru, &c->entries[i], lru);
     }
     return c;
 }
@@ -141,6 +146,7 @@ void add_cow_cache_destroy(AddCowCache *c)
     for (i = 0; i < c->nb_entries; i++) {
         g_free(c->entries[i].bits);
     }
+    g_hash_table_destroy(c->map);
     g_free(c->entries);
     qemu_vfree(c->buf);
     g_free(c);
@@ -267,6 +273,21 @@ entry_writeback(AddCowCache *c, AddCowCacheEntry *e)
     return 0;
 }
 
+/* Make @e a free slot, without writing it */
+static void entry_forget(AddCowCache *c, AddCowCacheEntry *e)
+{
+    if (e->index >= 0) {
+        g_hash_table_remove(c->map, &e->index);
+        e->index = -1;
+        QTAILQ_REMOVE(&c->lru, e, lru);
+        QTAILQ_INSERT_TAIL(&c->lru, e, lru);
+    }
+    e->dirty = false;
+    if (c->last == e) {
+        c->last = NULL;
+    }
+}
+
 /* Read entry @index from disk into the free slot @e */
 static int coroutine_fn GRAPH_RDLOCK
 entry_load(AddCowCache *c, AddCowCacheEntry *e, int64_t index)
@@ -298,6 +319,7 @@ entry_load(AddCowCache *c, AddCowCacheEntry *e, int64_t index)
     }
     e->index = index;
     e->dirty = false;
+    g_hash_table_insert(c->map, &e->index, e);
     return 0;
 }
 
@@ -305,46 +327,37 @@ entry_load(AddCowCache *c, AddCowCacheEntry *e, int64_t index)
 static int coroutine_fn GRAPH_RDLOCK
 cache_get(AddCowCache *c, int64_t index, AddCowCacheEntry **out)
 {
-    AddCowCacheEntry *e, *victim = NULL;
-    int i, ret;
+    AddCowCacheEntry *e = c->last;
+    int ret;
 
     /* Requests are mostly sequential: try the last entry used first */
-    e = c->last;
-    for (i = 0; !(e && e->index == index) && i < c->nb_entries; i++) {
-        e = &c->entries[i];
-        if (e->index != index &&
-            (!victim || e->index < 0 ||
-             (victim->index >= 0 && e->lru < victim->lru))) {
-            victim = e;
+    if (!e || e->index != index) {
+        e = g_hash_table_lookup(c->map, &index);
+    }
+    if (!e) {
+        e = QTAILQ_LAST(&c->lru);
+        /*
+         * An eviction that must wait for an image flush writes every dirty
+         * entry that flush covers: the next evictions then cost no flush.
+         */
+        if (e->dirty && e->gen > c->flushed_gen) {
+            ret = add_cow_cache_write(c);
+        } else {
+            ret = entry_writeback(c, e);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+        entry_forget(c, e);
+        ret = entry_load(c, e, index);
+        if (ret < 0) {
+            return ret;
         }
     }
-    if (e && e->index == index) {
-        c->last = e;
-        e->lru = ++c->lru_counter;
-        *out = e;
-        return 0;
-    }
-
-    /*
-     * An eviction that must wait for an image flush writes every dirty
-     * entry that flush covers: the next evictions then cost no flush.
-     */
-    if (victim->dirty && victim->gen > c->flushed_gen) {
-        ret = add_cow_cache_write(c);
-    } else {
-        ret = entry_writeback(c, victim);
-    }
-    if (ret < 0) {
-        return ret;
-    }
-    victim->index = -1;
-    ret = entry_load(c, victim, index);
-    if (ret < 0) {
-        return ret;
-    }
-    victim->lru = ++c->lru_counter;
-    c->last = victim;
-    *out = victim;
+    QTAILQ_REMOVE(&c->lru, e, lru);
+    QTAILQ_INSERT_HEAD(&c->lru, e, lru);
+    c->last = e;
+    *out = e;
     return 0;
 }
 
@@ -583,8 +596,7 @@ static void cache_forget_all(AddCowCache *c)
     int i;
 
     for (i = 0; i < c->nb_entries; i++) {
-        c->entries[i].index = -1;
-        c->entries[i].dirty = false;
+        entry_forget(c, &c->entries[i]);
     }
 }
 
@@ -629,8 +641,7 @@ void add_cow_cache_truncate(AddCowCache *c, uint64_t nb_clusters)
         valid = entry_valid_bits(c, e->index);
         if (!valid) {
             c->nb_allocated -= bitmap_count_one(e->bits, entry_bits(c));
-            e->index = -1;
-            e->dirty = false;
+            entry_forget(c, e);
         } else if (valid < entry_bits(c)) {
             c->nb_allocated -= bitmap_count_one_with_offset(e->bits, valid,
                                                  entry_bits(c) - valid);
