@@ -45,7 +45,7 @@ latency() {
 # image flush before a bitmap write)
 off=0
 for delay in 100 450; do
-    for i in 1 2 3; do
+    for _ in 1 2 3; do
         printf 'FUA allocating write at %dk, backing read issued at %d ms: ' \
             "$off" "$delay"
         "$qemu_io" -c "aio_write -q -f ${off}k 64k" -c "sleep $delay" \
