@@ -590,6 +590,30 @@ def chart(path, formats, workloads, ratios):
     print('bench: chart in %s' % path)
 
 
+def chart_from_report(md, png):
+    """Redraw the chart of a report written earlier (--chart-only): the
+    ratios of every "| format | seconds | ..." table"""
+    formats, workloads, ratios, w, table = [], [], {}, None, False
+    for line in open(md):
+        if line.startswith('## '):
+            w, table = line[3:].strip(), False
+            continue
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        if cells[:2] == ['format', 'seconds']:
+            table = True
+            continue
+        if not table or len(cells) < 4 or not cells[2].endswith('x'):
+            continue
+        if w not in ratios:
+            workloads.append(w)
+            ratios[w] = {}
+        if cells[0] not in formats:
+            formats.append(cells[0])
+        ratios[w][(cells[0], 'raw')] = float(cells[2][:-1])
+        ratios[w][(cells[0], 'qcow2')] = float(cells[3][:-1])
+    chart(png, formats, workloads, ratios)
+
+
 def split(w):
     """'alloc 64k (writeback)' -> ('alloc 64k', 'writeback')"""
     m = re.match(r'(.*) \((.*)\)$', w)
@@ -804,7 +828,12 @@ def main():
     p.add_argument('--convert', type=int, default=2048,
                    help='MiB of the backing file converted into each format')
     p.add_argument('--no-convert', action='store_true')
+    p.add_argument('--chart-only', action='store_true',
+                   help='only redraw --png from the report in --out')
     a = p.parse_args()
+    if a.chart_only:
+        chart_from_report(a.out, a.png)
+        return
 
     caches = a.caches.split(',')
     for label in caches:
