@@ -594,7 +594,9 @@ def chart_from_report(md, png):
     """Redraw the chart of a report written earlier (--chart-only): the
     ratios of every "| format | seconds | ..." table"""
     formats, workloads, ratios, w, table = [], [], {}, None, False
-    for line in open(md):
+    with open(md) as f:
+        report = f.read().splitlines()
+    for line in report:
         if line.startswith('## '):
             w, table = line[3:].strip(), False
             continue

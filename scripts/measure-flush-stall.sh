@@ -38,7 +38,8 @@ latency() {
          r && /ops\/sec/ { gsub(/[()]/, "");
                            for (i = 1; i < NF; i++)
                                if ($i == "and") v = $(i + 1);
-                           printf "%.2f ms\n", 1000 / v; exit }'
+                           printf "%.2f ms\n", 1000 / v; done = 1; exit }
+         END { if (!done) print "no figure (the read did not complete)" }'
 }
 
 # Each write allocates clusters of its own (an allocated cluster needs no
